@@ -1,0 +1,35 @@
+"""scoreflow: score-based generative modelling through SDEs, as pure JAX functions over pytrees."""
+
+from scoreflow.sde import AbstractSDE as AbstractSDE
+from scoreflow.sde import AbstractVPSDE as AbstractVPSDE
+from scoreflow.sde import CosineVPSDE as CosineVPSDE
+from scoreflow.sde import DDPMChain as DDPMChain
+from scoreflow.sde import SMLDChain as SMLDChain
+from scoreflow.sde import SubVPSDE as SubVPSDE
+from scoreflow.sde import VESDE as VESDE
+from scoreflow.sde import VPSDE as VPSDE
+
+from scoreflow.parameterization import AbstractParameterization as AbstractParameterization
+from scoreflow.parameterization import DataParameterization as DataParameterization
+from scoreflow.parameterization import EDMPreconditioning as EDMPreconditioning
+from scoreflow.parameterization import EpsilonParameterization as EpsilonParameterization
+from scoreflow.parameterization import NoiseConditioning as NoiseConditioning
+from scoreflow.parameterization import ScoreParameterization as ScoreParameterization
+from scoreflow.parameterization import VParameterization as VParameterization
+from scoreflow.parameterization import eps_to_score as eps_to_score
+from scoreflow.parameterization import make_score_fn as make_score_fn
+from scoreflow.parameterization import score_to_eps as score_to_eps
+from scoreflow.parameterization import score_to_v as score_to_v
+from scoreflow.parameterization import score_to_x0 as score_to_x0
+from scoreflow.parameterization import v_to_score as v_to_score
+from scoreflow.parameterization import x0_to_score as x0_to_score
+
+from scoreflow.losses import LossAux as LossAux
+from scoreflow.losses import ddpm_loss as ddpm_loss
+from scoreflow.losses import dsm_likelihood_bound as dsm_likelihood_bound
+from scoreflow.losses import dsm_loss as dsm_loss
+from scoreflow.losses import edm_loss as edm_loss
+from scoreflow.losses import sample_uniform as sample_uniform
+from scoreflow.losses import smld_loss as smld_loss
+
+__version__ = "0.1.0"

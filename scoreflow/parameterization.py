@@ -1,0 +1,274 @@
+r"""What a network predicts, and how that becomes a score.
+
+For every process here :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon`, so a network may predict any of
+
+* the score :math:`s = \nabla_x\log p_t(x)`;
+* the noise :math:`\epsilon`, with :math:`s = -\epsilon/\sigma_t` (Ho et al. 2020);
+* the data :math:`x_0`, with :math:`s = (\alpha_t x_0 - x)/\sigma_t^2` (Tweedie's formula);
+* the velocity :math:`v = \alpha_t\epsilon - \sigma_t x_0` (Salimans & Ho 2022), with
+  :math:`\epsilon = (\sigma_t x + \alpha_t v)/(\alpha_t^2 + \sigma_t^2)`;
+* the EDM-preconditioned denoiser of Karras et al. (2022), Table 1: in the scaled variables
+  :math:`\tilde x = x/\alpha_t`, :math:`\tilde\sigma = \sigma_t/\alpha_t`,
+  :math:`D(\tilde x) = c_{\rm skip}\tilde x + c_{\rm out} F(c_{\rm in}\tilde x, c_{\rm noise})` with
+  :math:`c_{\rm skip} = \sigma_d^2/(\tilde\sigma^2+\sigma_d^2)`,
+  :math:`c_{\rm out} = \tilde\sigma\sigma_d/\sqrt{\tilde\sigma^2+\sigma_d^2}`,
+  :math:`c_{\rm in} = 1/\sqrt{\tilde\sigma^2+\sigma_d^2}`, :math:`c_{\rm noise} = \tfrac14\ln\tilde\sigma`.
+
+The free functions convert between these quantities exactly; a parameterization object also says what the
+network sees (its input scaling and its noise conditioning), and :func:`make_score_fn` turns
+`(apply_fn, params)` into the `score_fn(x, t)` that every loss, sampler and likelihood takes.
+
+Shapes: `x, output, score: [B, *D]`; `t: [B]` or scalar.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+
+from scoreflow._validation import as_float_time, check_hyperparameters, per_example
+from scoreflow.sde import AbstractSDE
+
+
+# --- Exact conversions. ---------------------------------------------------------------------------
+
+def eps_to_score(sde: AbstractSDE, eps, t):
+  r""":math:`s = -\epsilon/\sigma_t`."""
+  return -eps / per_example(sde.sigma(t), eps)
+
+
+def score_to_eps(sde: AbstractSDE, score, t):
+  r""":math:`\epsilon = -\sigma_t s`."""
+  return -per_example(sde.sigma(t), score) * score
+
+
+def x0_to_score(sde: AbstractSDE, x0, x, t):
+  r""":math:`s = (\alpha_t x_0 - x)/\sigma_t^2`."""
+  return (per_example(sde.alpha(t), x) * x0 - x) / per_example(sde.sigma(t) ** 2, x)
+
+
+def score_to_x0(sde: AbstractSDE, score, x, t):
+  r""":math:`x_0 = (x + \sigma_t^2 s)/\alpha_t` (Tweedie's formula)."""
+  return (x + per_example(sde.sigma(t) ** 2, x) * score) / per_example(sde.alpha(t), x)
+
+
+def v_to_score(sde: AbstractSDE, v, x, t):
+  r""":math:`s = -\epsilon/\sigma_t` with :math:`\epsilon = (\sigma_t x + \alpha_t v)/(\alpha_t^2+\sigma_t^2)`."""
+  alpha, sigma = per_example(sde.alpha(t), x), per_example(sde.sigma(t), x)
+  eps = (sigma * x + alpha * v) / (alpha**2 + sigma**2)
+  return -eps / sigma
+
+
+def score_to_v(sde: AbstractSDE, score, x, t):
+  r""":math:`v = \alpha_t\epsilon - \sigma_t x_0`, with :math:`\epsilon` and :math:`x_0` from the score."""
+  alpha, sigma = per_example(sde.alpha(t), x), per_example(sde.sigma(t), x)
+  eps = -sigma * score
+  x0 = (x - sigma * eps) / alpha
+  return alpha * eps - sigma * x0
+
+
+# --- Noise conditioning: what the network is told about t. -----------------------------------------
+
+NoiseConditioningKind = Literal["time", "sigma", "log_sigma", "log_snr", "index"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NoiseConditioning:
+  r"""Maps times `t: [B]` to the network's conditioning input `[B]`.
+
+  Attributes:
+    kind: `"time"`: `scale * t` (the 2021 DDPM++ continuous models use `scale = 999`);
+      `"sigma"`: :math:`\sigma_t` (NCSN++ takes its log inside a Fourier embedding);
+      `"log_sigma"`: :math:`\log\sigma_t`; `"log_snr"`: :math:`\lambda_t`;
+      `"index"`: the discrete level `round(t / T * (num_steps - 1))`, for networks trained on a chain.
+    scale: multiplies `t` for `kind="time"`.
+    num_steps: the number of levels for `kind="index"`.
+  """
+
+  kind: NoiseConditioningKind = dataclasses.field(default="time", metadata={"static": True})
+  scale: float = 1.0
+  num_steps: int = dataclasses.field(default=1000, metadata={"static": True})
+
+  def __post_init__(self):
+    kinds = ("time", "sigma", "log_sigma", "log_snr", "index")
+    if self.kind not in kinds:
+      raise ValueError(f"NoiseConditioning: kind must be one of {kinds}, got {self.kind!r}.")
+
+  def __call__(self, sde: AbstractSDE, t):
+    t = as_float_time(t)
+    if self.kind == "time":
+      return self.scale * t
+    if self.kind == "sigma":
+      return sde.sigma(t)
+    if self.kind == "log_sigma":
+      return jnp.log(sde.sigma(t))
+    if self.kind == "log_snr":
+      return sde.log_snr(t)
+    return jnp.round(t / sde.T * (self.num_steps - 1)).astype(jnp.int32)
+
+
+# --- Parameterizations. ---------------------------------------------------------------------------
+
+class AbstractParameterization(abc.ABC):
+  """What the network sees and what its output means.
+
+  `network_inputs` gives `(x_in [B, *D], conditioning [B])`; `to_score` maps the output `[B, *D]` to the
+  score; `from_score` is its exact inverse (the output a perfect network produces).
+  """
+
+  conditioning: NoiseConditioning
+
+  def network_inputs(self, sde: AbstractSDE, x, t):
+    t = jnp.broadcast_to(as_float_time(t), x.shape[:1])
+    return x, self.conditioning(sde, t)
+
+  @abc.abstractmethod
+  def to_score(self, sde: AbstractSDE, output, x, t):
+    """The score implied by the network output."""
+
+  @abc.abstractmethod
+  def from_score(self, sde: AbstractSDE, score, x, t):
+    """The network output that implies `score`."""
+
+
+def _parameterization(cls):
+  return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@_parameterization
+class ScoreParameterization(AbstractParameterization):
+  """The network predicts the score itself."""
+
+  conditioning: NoiseConditioning = NoiseConditioning("sigma")
+
+  def to_score(self, sde, output, x, t):
+    return output
+
+  def from_score(self, sde, score, x, t):
+    return score
+
+
+@_parameterization
+class EpsilonParameterization(AbstractParameterization):
+  r"""The network predicts the noise :math:`\epsilon`: :math:`s = -\epsilon/\sigma_t`."""
+
+  conditioning: NoiseConditioning = NoiseConditioning("time", scale=999.0)
+
+  def to_score(self, sde, output, x, t):
+    return eps_to_score(sde, output, t)
+
+  def from_score(self, sde, score, x, t):
+    return score_to_eps(sde, score, t)
+
+
+@_parameterization
+class DataParameterization(AbstractParameterization):
+  r"""The network predicts the clean data :math:`x_0`: :math:`s = (\alpha_t x_0 - x)/\sigma_t^2`."""
+
+  conditioning: NoiseConditioning = NoiseConditioning("log_sigma")
+
+  def to_score(self, sde, output, x, t):
+    return x0_to_score(sde, output, x, t)
+
+  def from_score(self, sde, score, x, t):
+    return score_to_x0(sde, score, x, t)
+
+
+@_parameterization
+class VParameterization(AbstractParameterization):
+  r"""The network predicts the velocity :math:`v = \alpha_t\epsilon - \sigma_t x_0`."""
+
+  conditioning: NoiseConditioning = NoiseConditioning("log_snr")
+
+  def to_score(self, sde, output, x, t):
+    return v_to_score(sde, output, x, t)
+
+  def from_score(self, sde, score, x, t):
+    return score_to_v(sde, score, x, t)
+
+
+@_parameterization
+class EDMPreconditioning(AbstractParameterization):
+  r"""The preconditioned denoiser of Karras et al. (2022), applied to any process through
+  :math:`\tilde x = x/\alpha_t`, :math:`\tilde\sigma = \sigma_t/\alpha_t`.
+
+  The network :math:`F` sees :math:`c_{\rm in}\tilde x` and :math:`c_{\rm noise} = \tfrac14\ln\tilde\sigma`;
+  :math:`D = c_{\rm skip}\tilde x + c_{\rm out}F` is the :math:`x_0` prediction.
+
+  Attributes:
+    sigma_data: :math:`\sigma_d`, the data standard deviation (0.5 for images in [-1, 1]).
+
+  Raises:
+    ValueError: unless `sigma_data > 0`.
+  """
+
+  sigma_data: float = 0.5
+
+  def __post_init__(self):
+    check_hyperparameters("EDMPreconditioning", "sigma_data > 0", lambda sigma_data: sigma_data > 0,
+                          sigma_data=self.sigma_data)
+
+  def coefficients(self, sde: AbstractSDE, t):
+    r"""`(c_skip, c_out, c_in, c_noise)` at `t`, each with the shape of `t`, and :math:`\alpha_t`."""
+    t = as_float_time(t)
+    alpha = sde.alpha(t)
+    sigma = sde.sigma(t) / alpha
+    sd = self.sigma_data
+    c_skip = sd**2 / (sigma**2 + sd**2)
+    c_out = sigma * sd / jnp.sqrt(sigma**2 + sd**2)
+    c_in = 1 / jnp.sqrt(sigma**2 + sd**2)
+    c_noise = 0.25 * jnp.log(sigma)
+    return c_skip, c_out, c_in, c_noise, alpha
+
+  def network_inputs(self, sde, x, t):
+    t = jnp.broadcast_to(as_float_time(t), x.shape[:1])
+    _, _, c_in, c_noise, alpha = self.coefficients(sde, t)
+    return per_example(c_in / alpha, x) * x, c_noise
+
+  def to_score(self, sde, output, x, t):
+    c_skip, c_out, _, _, alpha = self.coefficients(sde, t)
+    denoised = per_example(c_skip / alpha, x) * x + per_example(c_out, x) * output
+    return x0_to_score(sde, denoised, x, t)
+
+  def from_score(self, sde, score, x, t):
+    c_skip, c_out, _, _, alpha = self.coefficients(sde, t)
+    denoised = score_to_x0(sde, score, x, t)
+    return (denoised - per_example(c_skip / alpha, x) * x) / per_example(c_out, x)
+
+
+ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def make_score_fn(apply_fn: ApplyFn, params, sde: AbstractSDE, parameterization: AbstractParameterization):
+  """Turns a network into the `score_fn(x, t) -> [B, *D]` that losses, samplers and likelihoods take.
+
+  Args:
+    apply_fn: `apply_fn(params, x_in [B, *D], conditioning [B]) -> output [B, *D]`, e.g. a Flax
+      module's `apply` (add `train=False` or rngs with `functools.partial`).
+    params: the network's parameters (any pytree).
+    sde: the forward process.
+    parameterization: what the network predicts (e.g. :class:`EpsilonParameterization`).
+
+  Returns:
+    A pure function of `(x, t)`; differentiate with respect to `params` by calling `make_score_fn` inside the
+    function you differentiate.
+
+  Example:
+    >>> import jax.numpy as jnp, scoreflow as sf
+    >>> sde = sf.VPSDE()
+    >>> apply_fn = lambda params, x, c: params * x        # a toy "network"
+    >>> score_fn = sf.make_score_fn(apply_fn, 0.0, sde, sf.EpsilonParameterization())
+    >>> score_fn(jnp.ones((2, 3)), jnp.array([0.5, 0.5])).shape
+    (2, 3)
+  """
+
+  def score_fn(x, t):
+    x_in, conditioning = parameterization.network_inputs(sde, x, t)
+    return parameterization.to_score(sde, apply_fn(params, x_in, conditioning), x, t)
+
+  return score_fn
