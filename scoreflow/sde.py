@@ -485,8 +485,8 @@ class DDPMChain:
       raise ValueError(f"DDPMChain: num_steps must be an int >= 2, got {self.num_steps!r}.")
     check_hyperparameters(
         "DDPMChain", "0 <= beta_min <= beta_max < num_steps (so that every beta_i < 1)",
-        lambda beta_min, beta_max: (beta_min >= 0) & (beta_max >= beta_min) & (beta_max < self.num_steps),
-        beta_min=self.beta_min, beta_max=self.beta_max)
+        lambda beta_min, beta_max, num_steps: (beta_min >= 0) & (beta_max >= beta_min) & (beta_max < num_steps),
+        beta_min=self.beta_min, beta_max=self.beta_max, num_steps=self.num_steps)
 
   @property
   def betas(self):

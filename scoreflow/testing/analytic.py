@@ -108,7 +108,7 @@ class GaussianMixture:
     return jnp.einsum("bk,bk...->b...", responsibilities, -(x[:, None] - means) / variances)
 
   def log_prob_at(self, x, alpha, sigma):
-    """Log-density `[B]` of the mixture perturbed by :math:`N(\alpha x_0, \sigma^2 I)`; `alpha, sigma: [B]`."""
+    r"""Log-density `[B]` of the mixture perturbed by :math:`N(\alpha x_0, \sigma^2 I)`; `alpha, sigma: [B]`."""
     return self._log_prob(x, alpha, sigma)
 
   def score(self, sde: AbstractSDE):
@@ -128,7 +128,7 @@ class GaussianMixture:
     """The full covariance of the flattened mixture, `[prod(D), prod(D)]`."""
     means = self.means.reshape(self.means.shape[0], -1)
     stds = self.stds.reshape(self.stds.shape[0], -1)
-    centred = means - jnp.einsum("k,kd->d", self.weights, means)
+    centred = means - jnp.einsum("k,kd->d", self.weights, means)[None]
     return (jnp.einsum("k,kd,ke->de", self.weights, centred, centred)
             + jnp.diag(jnp.einsum("k,kd->d", self.weights, stds**2)))
 
