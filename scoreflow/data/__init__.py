@@ -1,0 +1,19 @@
+"""Data: offline toy densities and digits, tfds/grain image pipelines, scaling and dequantization."""
+
+from scoreflow.data.digits import DIGITS_NUM_EXAMPLES as DIGITS_NUM_EXAMPLES
+from scoreflow.data.digits import DIGITS_NUM_LEVELS as DIGITS_NUM_LEVELS
+from scoreflow.data.digits import ScoreflowDigits as ScoreflowDigits
+from scoreflow.data.digits import prepare_digits as prepare_digits
+
+from scoreflow.data.pipeline import DataIterator as DataIterator
+from scoreflow.data.pipeline import centre_crop as centre_crop
+from scoreflow.data.pipeline import make_dataset as make_dataset
+from scoreflow.data.pipeline import resize as resize
+from scoreflow.data.pipeline import resize_small as resize_small
+
+from scoreflow.data.scaling import AffineScaler as AffineScaler
+from scoreflow.data.scaling import uniform_dequantize as uniform_dequantize
+
+from scoreflow.data.toy import TOY_DATASETS as TOY_DATASETS
+from scoreflow.data.toy import sample_toy as sample_toy
+from scoreflow.data.toy import toy_mixture as toy_mixture
