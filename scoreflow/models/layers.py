@@ -1,0 +1,534 @@
+r"""Building blocks of the score networks: noise embeddings, FIR resampling, residual and attention blocks.
+
+Layout is NHWC (`x: [B, H, W, C]`) for images and `[B, F]` for features. Every module takes a `dtype`
+(the computation dtype; parameters stay in `param_dtype`, float32 by default), so a network computes in
+bfloat16 with float32 parameters by passing `dtype=jnp.bfloat16`. The pure functions follow the dtype of their
+input.
+
+The FIR resampling functions implement `upfirdn2d` (upsample by zero insertion, pad, convolve with a finite
+impulse response filter, downsample by striding) and the resamplers of StyleGAN2 built on it, which NCSN++
+uses (Karras et al. 2020; Song et al. 2021, Appendix H): with the normalised filter
+:math:`k = k_1 k_1^\top/(\sum k_1)^2` (e.g. :math:`k_1 = [1, 3, 3, 1]`),
+
+* `upsample_2d` zero-inserts and convolves with :math:`\text{factor}^2\,k`,
+* `downsample_2d` convolves with :math:`k` and keeps every `factor`-th pixel,
+
+with pixels outside the image taken as zero. For a symmetric filter the two are adjoint up to the factor
+:math:`\text{factor}^2`: :math:`\langle \mathrm{up}(y), x\rangle = \text{factor}^2\langle y, \mathrm{down}(x)\rangle`.
+With :math:`k_1 = [1, 1]` they reduce to nearest-neighbour upsampling and 2x2 average pooling.
+
+References:
+  Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020. (Residual blocks, attention,
+  sinusoidal embedding, the DDPM initialisation.)
+  Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through Stochastic
+  Differential Equations. ICLR 2021. (Appendix H: NCSN++/DDPM++.)
+  Karras, Laine, Aittala, Hellsten, Lehtinen, Aila. Analyzing and Improving the Image Quality of StyleGAN.
+  CVPR 2020. (FIR up/down-sampling.)
+  Brock, Donahue, Simonyan. Large Scale GAN Training for High Fidelity Natural Image Synthesis. ICLR 2019.
+  (BigGAN residual blocks.)
+  Tancik et al. Fourier Features Let Networks Learn High Frequency Functions. NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+NoiseConditioningKind = Literal["time", "sigma", "log_sigma", "log_snr", "index"]
+NOISE_CONDITIONING_KINDS = ("time", "sigma", "log_sigma", "log_snr", "index")
+
+
+# --- Initialisers. --------------------------------------------------------------------------------
+
+def default_init(scale: float = 1.0):
+  r"""The DDPM initialiser: variance scaling with fan-average, uniform,
+  :math:`W \sim U(-a, a)`, :math:`a = \sqrt{3\,\text{scale}/((\text{fan}_{in}+\text{fan}_{out})/2)}`.
+
+  `scale=0` gives exact zeros (the 2021 reference used a variance of 1e-10 instead, which is zero to
+  within rounding of every later layer); a zero output layer makes the network output exactly 0 at
+  initialisation, and a zero last layer in a residual branch makes that block the identity.
+  """
+  if scale < 0:
+    raise ValueError(f"default_init: scale must be >= 0, got {scale}.")
+  if scale == 0:
+    return nn.initializers.zeros
+  return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+
+
+def conv(features: int, kernel_size: int = 3, stride: int = 1, init_scale: float = 1.0, use_bias: bool = True,
+         dtype: Dtype = None, name: Optional[str] = None) -> nn.Conv:
+  """A `kernel_size` x `kernel_size` convolution ('SAME' padding) with the DDPM initialiser and zero bias."""
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding="SAME",
+                 use_bias=use_bias, kernel_init=default_init(init_scale), dtype=dtype, name=name)
+
+
+def dense(features: int, init_scale: float = 1.0, dtype: Dtype = None, name: Optional[str] = None) -> nn.Dense:
+  """A dense layer over the last axis (the DDPM 'NIN' on images) with the DDPM initialiser and zero bias."""
+  return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype, name=name)
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """GroupNorm groups for `channels`: `min(channels // 4, 32)` (the NCSN++ rule; it equals the DDPM's 32
+  for every width >= 128), lowered to the nearest divisor of `channels` so that any width works."""
+  groups = max(1, min(channels // 4, max_groups))
+  while channels % groups:
+    groups -= 1
+  return groups
+
+
+def group_norm(channels: int, dtype: Dtype = None, name: Optional[str] = None) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+
+
+# --- Noise-level embeddings. ----------------------------------------------------------------------
+
+def embedding_dtype(dtype) -> jnp.dtype:
+  """At least float32: a sinusoid of `999 t` is meaningless in bfloat16."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def sinusoidal_embedding(cond, embedding_dim: int, max_positions: float = 10_000.0, dtype=None):
+  r"""The transformer/DDPM positional embedding of a scalar per example.
+
+  .. math:: e(c) = [\sin(c\,\omega_0), \dots, \sin(c\,\omega_{h-1}), \cos(c\,\omega_0), \dots,
+      \cos(c\,\omega_{h-1})],\qquad \omega_j = \text{max\_positions}^{-j/(h-1)},\quad h = \lfloor d/2\rfloor,
+
+  zero-padded to `embedding_dim` when it is odd.
+
+  Args:
+    cond: `[B]` conditioning values, float or integer (an integer level is embedded as its value).
+    embedding_dim: `d`, at least 4 (so that `h - 1 > 0`).
+    max_positions: the period scale (10000 as in Vaswani et al. 2017 and Ho et al. 2020).
+    dtype: output dtype; default float32, or float64 for float64 input.
+
+  Returns:
+    `[B, embedding_dim]`.
+  """
+  if embedding_dim < 4:
+    raise ValueError(f"sinusoidal_embedding: embedding_dim must be >= 4, got {embedding_dim}.")
+  cond = jnp.asarray(cond)
+  if cond.ndim != 1:
+    raise ValueError(f"sinusoidal_embedding: cond must have shape [B], got shape {cond.shape}.")
+  if dtype is None:
+    dtype = embedding_dtype(cond.dtype if jnp.issubdtype(cond.dtype, jnp.floating) else jnp.float32)
+  half = embedding_dim // 2
+  frequencies = np.exp(-math.log(max_positions) * np.arange(half) / (half - 1))
+  angles = cond.astype(dtype)[:, None] * jnp.asarray(frequencies, dtype)[None, :]
+  embedding = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+  if embedding_dim % 2:
+    embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+  return embedding
+
+
+def fourier_frequencies(num_frequencies: int, scale: float, seed: int = 0) -> np.ndarray:
+  """The fixed frequencies :math:`\\omega_j \\sim \\mathcal N(0, \\text{scale}^2)` of a Gaussian Fourier embedding.
+
+  They are drawn once from a NumPy generator with `seed`, so they are constants of the network rather than
+  parameters: identical on every host and device, never touched by an optimizer or weight decay (the 2021
+  reference stored them as a parameter under `stop_gradient`, which is the same function).
+  """
+  return scale * np.random.default_rng(seed).standard_normal(num_frequencies)
+
+
+def fourier_embedding(cond, num_frequencies: int, scale: float = 16.0, seed: int = 0, dtype=None):
+  r"""Gaussian Fourier features (Tancik et al. 2020; Song et al. 2021, NCSN++):
+  :math:`e(c) = [\sin(2\pi c\,\omega), \cos(2\pi c\,\omega)]`, :math:`\omega` from :func:`fourier_frequencies`.
+
+  Args:
+    cond: `[B]` conditioning values (NCSN++ embeds :math:`\log\sigma`).
+    num_frequencies: number of frequencies; the embedding has twice as many features.
+    scale: standard deviation of the frequencies (16 in NCSN++).
+    seed: seed of the frequencies.
+    dtype: output dtype (default: float32, or float64 for float64 input).
+
+  Returns:
+    `[B, 2 * num_frequencies]`.
+  """
+  cond = jnp.asarray(cond)
+  if cond.ndim != 1:
+    raise ValueError(f"fourier_embedding: cond must have shape [B], got shape {cond.shape}.")
+  if dtype is None:
+    dtype = embedding_dtype(cond.dtype if jnp.issubdtype(cond.dtype, jnp.floating) else jnp.float32)
+  omega = jnp.asarray(2 * np.pi * fourier_frequencies(num_frequencies, scale, seed), dtype)
+  angles = cond.astype(dtype)[:, None] * omega[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+
+
+def check_noise_conditioning(owner: str, noise_conditioning: str, scale_by_sigma: bool) -> None:
+  """Validates the pair (what `cond` holds, whether to divide the output by sigma) at construction."""
+  if noise_conditioning not in NOISE_CONDITIONING_KINDS:
+    raise ValueError(f"{owner}: noise_conditioning must be one of {NOISE_CONDITIONING_KINDS} (the `kind` of the "
+                     f"parameterization's NoiseConditioning), got {noise_conditioning!r}.")
+  if scale_by_sigma and noise_conditioning not in ("sigma", "log_sigma"):
+    raise ValueError(
+        f"{owner}: scale_by_sigma=True divides the output by sigma, which the network reads from its "
+        f"conditioning input, so noise_conditioning must be 'sigma' or 'log_sigma', got {noise_conditioning!r}. "
+        "Use NoiseConditioning('sigma') in the parameterization, or put the 1/sigma in the parameterization "
+        "(e.g. EpsilonParameterization) and set scale_by_sigma=False.")
+
+
+def conditioning_to_embedding_input(cond, noise_conditioning: str, dtype):
+  r"""What the embedding sees: :math:`\log\sigma` when `cond` is :math:`\sigma` (as NCSN++), else `cond`."""
+  cond = cond.astype(dtype)
+  if noise_conditioning == "sigma":
+    return jnp.log(cond)
+  return cond
+
+
+def conditioning_to_sigma(cond, noise_conditioning: str, dtype):
+  """:math:`\\sigma` from the conditioning input (`cond` itself, or `exp(cond)` for log-sigma)."""
+  cond = cond.astype(dtype)
+  if noise_conditioning == "log_sigma":
+    return jnp.exp(cond)
+  return cond
+
+
+def broadcast_conditioning(owner: str, cond, batch_size: int):
+  """`cond` as a `[B]` array: a scalar is broadcast, any other shape than `[B]` is an error."""
+  cond = jnp.asarray(cond)
+  if cond.ndim == 0:
+    return jnp.broadcast_to(cond, (batch_size,))
+  if cond.shape != (batch_size,):
+    raise ValueError(f"{owner}: cond must have shape [B] = ({batch_size},) to match x, got shape {cond.shape}.")
+  return cond
+
+
+class NoiseEmbedding(nn.Module):
+  """Embeds the conditioning input, then a two-layer SiLU MLP (the DDPM/NCSN++ time embedding).
+
+  Attributes:
+    features: width of the output (4 * nf in the U-Nets).
+    embedding_type: `"positional"` (sinusoidal, `embedding_dim` features) or `"fourier"` (Gaussian Fourier,
+      `embedding_dim` frequencies, `2 * embedding_dim` features; NCSN++).
+    embedding_dim: see `embedding_type`.
+    fourier_scale: frequency scale of the Fourier embedding.
+    noise_conditioning: what `cond` holds (see :func:`conditioning_to_embedding_input`).
+  """
+
+  features: int
+  embedding_type: Literal["positional", "fourier"] = "positional"
+  embedding_dim: int = 128
+  fourier_scale: float = 16.0
+  noise_conditioning: str = "time"
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, cond):
+    dtype = embedding_dtype(self.dtype)
+    value = conditioning_to_embedding_input(cond, self.noise_conditioning, dtype)
+    if self.embedding_type == "fourier":
+      embedding = fourier_embedding(value, self.embedding_dim, self.fourier_scale, dtype=dtype)
+    else:
+      embedding = sinusoidal_embedding(value, self.embedding_dim, dtype=dtype)
+    embedding = embedding.astype(self.dtype)
+    temb = dense(self.features, dtype=self.dtype)(embedding)
+    return dense(self.features, dtype=self.dtype)(nn.silu(temb))
+
+
+# --- FIR up/down-sampling. ------------------------------------------------------------------------
+
+def fir_filter(kernel: Sequence[float] | np.ndarray) -> np.ndarray:
+  """The normalised 2-D filter of a 1-D (separable, outer product) or 2-D FIR kernel; it sums to 1."""
+  k = np.asarray(kernel, dtype=np.float64)
+  if k.ndim == 1:
+    k = np.outer(k, k)
+  if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] < 1:
+    raise ValueError(f"fir_filter: kernel must be 1-D or square 2-D, got shape {np.shape(kernel)}.")
+  total = k.sum()
+  if total == 0:
+    raise ValueError(f"fir_filter: kernel must not sum to zero, got {np.asarray(kernel).tolist()}.")
+  return k / total
+
+
+def upfirdn2d(x, filter_2d, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)):
+  r"""Upsample by zero insertion, pad, convolve with an FIR filter, downsample by striding.
+
+  Per spatial axis, with the input :math:`x` of length `n`: :math:`u_{m\cdot up} = x_m` (zeros elsewhere,
+  length `n * up`), padded with `pad[0]` zeros before and `pad[1]` after (negative pads crop), then the full
+  2-D convolution with `filter_2d` (valid part) and every `down`-th output kept.
+
+  Args:
+    x: `[B, H, W, C]`.
+    filter_2d: `[k, k]` filter (NumPy or JAX array).
+    up, down: integer factors.
+    pad: padding of both spatial axes.
+
+  Returns:
+    `[B, (H*up + pad[0] + pad[1] - k)//down + 1, (same for W), C]`, dtype of `x`.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"upfirdn2d: x must be [B, H, W, C], got shape {x.shape}.")
+  channels = x.shape[-1]
+  k = jnp.asarray(filter_2d, x.dtype)
+  spatial = (pad[0], pad[1] + up - 1, up - 1)
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), spatial, spatial, (0, 0, 0)))
+  # A true convolution flips the filter; depthwise over channels.
+  rhs = jnp.broadcast_to(k[::-1, ::-1, None, None], k.shape + (1, channels))
+  return jax.lax.conv_general_dilated(x, rhs, window_strides=(down, down), padding="VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=channels)
+
+
+def upsample_2d(x, kernel: Sequence[float] = (1, 3, 3, 1), factor: int = 2, gain: float = 1.0):
+  """FIR upsampling of `x: [B, H, W, C]` to `[B, H*factor, W*factor, C]` (StyleGAN2's `upsample_2d`).
+
+  A constant image stays constant (times `gain`) away from a border of about `len(kernel)/2` pixels,
+  where the zero padding enters.
+  """
+  k = fir_filter(kernel) * (gain * factor**2)
+  p = k.shape[0] - factor
+  return upfirdn2d(x, k, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def downsample_2d(x, kernel: Sequence[float] = (1, 3, 3, 1), factor: int = 2, gain: float = 1.0):
+  """FIR downsampling of `x: [B, H, W, C]` to `[B, H//factor, W//factor, C]` (StyleGAN2's `downsample_2d`)."""
+  k = fir_filter(kernel) * gain
+  p = k.shape[0] - factor
+  return upfirdn2d(x, k, down=factor, pad=((p + 1) // 2, p // 2))
+
+
+def naive_upsample_2d(x, factor: int = 2):
+  """Nearest-neighbour upsampling of `[B, H, W, C]`."""
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def naive_downsample_2d(x, factor: int = 2):
+  """Average pooling over `factor` x `factor` blocks of `[B, H, W, C]`."""
+  b, h, w, c = x.shape
+  return jnp.mean(x.reshape(b, h // factor, factor, w // factor, factor, c), axis=(2, 4))
+
+
+def upsample_conv_2d(x, weight, kernel: Sequence[float] = (1, 3, 3, 1)):
+  """A 2x transposed convolution with `weight: [k, k, C_in, C_out]` followed by the FIR filter, padded once
+  (StyleGAN2's fused `upsample_conv_2d` for factor 2). `[B, H, W, C_in] -> [B, 2H, 2W, C_out]`."""
+  factor = 2
+  k = fir_filter(kernel) * factor**2
+  conv_size = weight.shape[0]
+  full = jax.lax.conv_general_dilated(x, weight.astype(x.dtype), window_strides=(1, 1),
+                                      padding=((conv_size - 1, conv_size - 1),) * 2,
+                                      lhs_dilation=(factor, factor),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  p = (k.shape[0] - factor) - (conv_size - 1)
+  return upfirdn2d(full, k, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
+
+
+def conv_downsample_2d(x, weight, kernel: Sequence[float] = (1, 3, 3, 1)):
+  """The FIR filter followed by a stride-2 convolution with `weight: [k, k, C_in, C_out]`, padded once
+  (StyleGAN2's fused `conv_downsample_2d` for factor 2). `[B, H, W, C_in] -> [B, H/2, W/2, C_out]`."""
+  factor = 2
+  k = fir_filter(kernel)
+  conv_size = weight.shape[0]
+  p = (k.shape[0] - factor) + (conv_size - 1)
+  x = upfirdn2d(x, k, pad=((p + 1) // 2, p // 2))
+  return jax.lax.conv_general_dilated(x, weight.astype(x.dtype), window_strides=(factor, factor),
+                                      padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class FIRConv(nn.Module):
+  """A 3x3 convolution fused with FIR 2x up- or down-sampling (`upsample_conv_2d` / `conv_downsample_2d`)."""
+
+  features: int
+  up: bool = False
+  fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  kernel_size: int = 3
+  init_scale: float = 1.0
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("kernel", default_init(self.init_scale),
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    dtype = self.dtype if self.dtype is not None else x.dtype
+    x = x.astype(dtype)
+    if self.up:
+      h = upsample_conv_2d(x, weight.astype(dtype), self.fir_kernel)
+    else:
+      h = conv_downsample_2d(x, weight.astype(dtype), self.fir_kernel)
+    return h + bias.astype(dtype).reshape(1, 1, 1, -1)
+
+
+class Upsample(nn.Module):
+  """2x upsampling: nearest or FIR, optionally with a 3x3 convolution to `out_ch` channels."""
+
+  out_ch: Optional[int] = None
+  with_conv: bool = False
+  fir: bool = False
+  fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x):
+    out_ch = self.out_ch or x.shape[-1]
+    if self.fir:
+      if self.with_conv:
+        return FIRConv(out_ch, up=True, fir_kernel=self.fir_kernel, dtype=self.dtype)(x)
+      return upsample_2d(x, self.fir_kernel)
+    h = naive_upsample_2d(x)
+    if self.with_conv:
+      h = conv(out_ch, dtype=self.dtype)(h)
+    return h
+
+
+class Downsample(nn.Module):
+  """2x downsampling: average pooling / strided 3x3 convolution, or FIR (optionally fused with a convolution)."""
+
+  out_ch: Optional[int] = None
+  with_conv: bool = False
+  fir: bool = False
+  fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x):
+    out_ch = self.out_ch or x.shape[-1]
+    if self.fir:
+      if self.with_conv:
+        return FIRConv(out_ch, up=False, fir_kernel=self.fir_kernel, dtype=self.dtype)(x)
+      return downsample_2d(x, self.fir_kernel)
+    if self.with_conv:
+      # 'SAME' with stride 2 pads one zero row/column after the image, as the DDPM's explicit (0, 1) padding.
+      return conv(out_ch, stride=2, dtype=self.dtype)(x)
+    return naive_downsample_2d(x)
+
+
+# --- Residual and attention blocks. ---------------------------------------------------------------
+
+def _skip(x, h, skip_rescale: bool):
+  return (x + h) * jnp.asarray(1 / np.sqrt(2.0), h.dtype) if skip_rescale else x + h
+
+
+class ResnetBlockDDPM(nn.Module):
+  r"""The DDPM residual block (Ho et al. 2020), with the DDPM++ option of skip rescaling:
+
+  :math:`h = \mathrm{Conv}(\mathrm{Drop}(\mathrm{act}(\mathrm{GN}(\mathrm{Conv}(\mathrm{act}(\mathrm{GN}(x)))
+  + \mathrm{Dense}(\mathrm{act}(t_{emb}))))))`, output :math:`x' + h` or :math:`(x' + h)/\sqrt2`, where
+  :math:`x'` is `x` or its 1x1 ('NIN') / 3x3 projection when the width changes.
+
+  Attributes:
+    out_ch: output channels (default: input channels).
+    conv_shortcut: project the skip path with a 3x3 convolution instead of a 1x1 when the width changes.
+    dropout: dropout rate before the second convolution.
+    skip_rescale: divide the sum by :math:`\sqrt 2`.
+    init_scale: initialiser scale of the second convolution (0: the block starts as the identity).
+  """
+
+  out_ch: Optional[int] = None
+  conv_shortcut: bool = False
+  dropout: float = 0.1
+  skip_rescale: bool = False
+  init_scale: float = 0.0
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x, temb=None, train: bool = False):
+    channels = x.shape[-1]
+    out_ch = self.out_ch or channels
+    h = nn.silu(group_norm(channels, self.dtype)(x))
+    h = conv(out_ch, dtype=self.dtype)(h)
+    if temb is not None:
+      h = h + dense(out_ch, dtype=self.dtype)(nn.silu(temb))[:, None, None, :]
+    h = nn.silu(group_norm(out_ch, self.dtype)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv(out_ch, init_scale=self.init_scale, dtype=self.dtype)(h)
+    if channels != out_ch:
+      x = conv(out_ch, dtype=self.dtype)(x) if self.conv_shortcut else dense(out_ch, 0.1, self.dtype)(x)
+    return _skip(x, h, self.skip_rescale)
+
+
+class ResnetBlockBigGAN(nn.Module):
+  r"""The BigGAN-style residual block of NCSN++/DDPM++: as :class:`ResnetBlockDDPM`, but it can resample
+  (2x up or down, FIR or nearest/average, applied to both paths after the first normalisation) and its skip
+  path is a 1x1 convolution whenever the width changes or it resamples.
+
+  Attributes:
+    up, down: resample by 2 (at most one).
+    out_ch: output channels (default: input channels).
+    dropout: dropout rate.
+    fir, fir_kernel: FIR resampling and its kernel.
+    skip_rescale: divide the sum by :math:`\sqrt 2`.
+    init_scale: initialiser scale of the second convolution.
+  """
+
+  up: bool = False
+  down: bool = False
+  out_ch: Optional[int] = None
+  dropout: float = 0.1
+  fir: bool = False
+  fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  skip_rescale: bool = True
+  init_scale: float = 0.0
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x, temb=None, train: bool = False):
+    channels = x.shape[-1]
+    out_ch = self.out_ch or channels
+    h = nn.silu(group_norm(channels, self.dtype)(x))
+    if self.up:
+      resample = (lambda v: upsample_2d(v, self.fir_kernel)) if self.fir else naive_upsample_2d
+    elif self.down:
+      resample = (lambda v: downsample_2d(v, self.fir_kernel)) if self.fir else naive_downsample_2d
+    else:
+      resample = None
+    if resample is not None:
+      h, x = resample(h), resample(x)
+    h = conv(out_ch, dtype=self.dtype)(h)
+    if temb is not None:
+      h = h + dense(out_ch, dtype=self.dtype)(nn.silu(temb))[:, None, None, :]
+    h = nn.silu(group_norm(out_ch, self.dtype)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv(out_ch, init_scale=self.init_scale, dtype=self.dtype)(h)
+    if channels != out_ch or self.up or self.down:
+      x = conv(out_ch, kernel_size=1, dtype=self.dtype)(x)
+    return _skip(x.astype(h.dtype), h, self.skip_rescale)
+
+
+class AttnBlock(nn.Module):
+  r"""Single-head self-attention over all pixels (DDPM), with optional skip rescaling (NCSN++):
+  :math:`x + W_o\,\mathrm{softmax}(QK^\top/\sqrt C)\,V` with :math:`Q, K, V` 1x1 projections of
+  :math:`\mathrm{GN}(x)`.
+
+  Attributes:
+    skip_rescale: divide the sum by :math:`\sqrt 2`.
+    init_scale: initialiser scale of the output projection.
+  """
+
+  skip_rescale: bool = False
+  init_scale: float = 0.0
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, height, width, channels = x.shape
+    h = group_norm(channels, self.dtype)(x)
+    q = dense(channels, 0.1, self.dtype)(h).reshape(b, height * width, channels)
+    k = dense(channels, 0.1, self.dtype)(h).reshape(b, height * width, channels)
+    v = dense(channels, 0.1, self.dtype)(h).reshape(b, height * width, channels)
+    logits = jnp.einsum("bic,bjc->bij", q, k) * jnp.asarray(1 / np.sqrt(channels), q.dtype)
+    weights = jax.nn.softmax(logits.astype(embedding_dtype(logits.dtype)), axis=-1).astype(v.dtype)
+    h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, height, width, channels)
+    h = dense(channels, self.init_scale, self.dtype)(h)
+    return _skip(x.astype(h.dtype), h, self.skip_rescale)
+
+
+class Combine(nn.Module):
+  """Merges the progressive input pyramid into the features: a 1x1 convolution of `x` to the width of `y`,
+  then concatenation (`"cat"`) or sum (`"sum"`)."""
+
+  method: Literal["cat", "sum"] = "cat"
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x, y):
+    h = conv(y.shape[-1], kernel_size=1, dtype=self.dtype)(x)
+    if self.method == "cat":
+      return jnp.concatenate([h, y.astype(h.dtype)], axis=-1)
+    return h + y
