@@ -197,14 +197,35 @@ class AbstractSDE(abc.ABC):
     check_time(type(self).__name__, t, self.T)
 
 
-def _linear_integrated_beta(t, beta_min, beta_max):
-  r""":math:`B(t) = \int_0^t \beta = \beta_0 t + \tfrac12(\beta_1-\beta_0)t^2` for a linear schedule."""
-  return beta_min * t + 0.5 * (beta_max - beta_min) * t * t
+class _LinearBetaSchedule:
+  r"""The linear schedule :math:`\beta(t) = \beta_0 + t(\beta_1 - \beta_0)` on :math:`[0, 1]`, shared by
+  :class:`VPSDE` and :class:`SubVPSDE` (whose dataclasses hold `beta_min`, `beta_max`)."""
 
+  beta_min: float
+  beta_max: float
 
-def _linear_t_from_integrated_beta(integrated_beta, beta_min, beta_max):
-  """Inverse of `_linear_integrated_beta`, in the form that stays finite when beta_max == beta_min."""
-  return 2 * integrated_beta / (beta_min + jnp.sqrt(beta_min**2 + 2 * (beta_max - beta_min) * integrated_beta))
+  def __post_init__(self):
+    check_hyperparameters(
+        type(self).__name__, "0 <= beta_min <= beta_max and beta_max > 0",
+        lambda beta_min, beta_max: (beta_min >= 0) & (beta_max >= beta_min) & (beta_max > 0),
+        beta_min=self.beta_min, beta_max=self.beta_max)
+
+  @property
+  def T(self):
+    return 1.0
+
+  def beta(self, t):
+    return self.beta_min + as_float_time(t) * (self.beta_max - self.beta_min)
+
+  def integrated_beta(self, t):
+    r""":math:`B(t) = \int_0^t \beta = \beta_0 t + \tfrac12(\beta_1-\beta_0)t^2`."""
+    t = as_float_time(t)
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+  def t_from_integrated_beta(self, integrated_beta):
+    """Inverse of :meth:`integrated_beta`, in the form that stays finite when `beta_max == beta_min`."""
+    b0, b1 = self.beta_min, self.beta_max
+    return 2 * integrated_beta / (b0 + jnp.sqrt(b0**2 + 2 * (b1 - b0) * integrated_beta))
 
 
 class AbstractVPSDE(AbstractSDE):
@@ -255,7 +276,7 @@ class AbstractVPSDE(AbstractSDE):
 
 
 @_pytree_dataclass
-class VPSDE(AbstractVPSDE):
+class VPSDE(_LinearBetaSchedule, AbstractVPSDE):
   r"""The variance-preserving SDE of DDPM with a linear schedule :math:`\beta(t) = \beta_0 + t(\beta_1-\beta_0)`.
 
   .. math:: \log\alpha(t) = -\tfrac14 t^2(\beta_1-\beta_0) - \tfrac12 t\beta_0, \qquad T = 1.
@@ -273,25 +294,6 @@ class VPSDE(AbstractVPSDE):
 
   beta_min: float = 0.1
   beta_max: float = 20.0
-
-  def __post_init__(self):
-    check_hyperparameters(
-        "VPSDE", "0 <= beta_min <= beta_max and beta_max > 0",
-        lambda beta_min, beta_max: (beta_min >= 0) & (beta_max >= beta_min) & (beta_max > 0),
-        beta_min=self.beta_min, beta_max=self.beta_max)
-
-  @property
-  def T(self):
-    return 1.0
-
-  def beta(self, t):
-    return self.beta_min + as_float_time(t) * (self.beta_max - self.beta_min)
-
-  def integrated_beta(self, t):
-    return _linear_integrated_beta(as_float_time(t), self.beta_min, self.beta_max)
-
-  def t_from_integrated_beta(self, integrated_beta):
-    return _linear_t_from_integrated_beta(integrated_beta, self.beta_min, self.beta_max)
 
 
 @_pytree_dataclass
@@ -330,7 +332,7 @@ class CosineVPSDE(AbstractVPSDE):
 
 
 @_pytree_dataclass
-class SubVPSDE(AbstractSDE):
+class SubVPSDE(_LinearBetaSchedule, AbstractSDE):
   r"""The sub-variance-preserving SDE of Song et al. (2021), Eq. 11, with a linear :math:`\beta(t)`.
 
   .. math:: dx = -\tfrac12\beta(t)x\,dt + \sqrt{\beta(t)(1 - e^{-2B(t)})}\,dw, \qquad
@@ -345,25 +347,9 @@ class SubVPSDE(AbstractSDE):
   beta_min: float = 0.1
   beta_max: float = 20.0
 
-  def __post_init__(self):
-    check_hyperparameters(
-        "SubVPSDE", "0 <= beta_min <= beta_max and beta_max > 0",
-        lambda beta_min, beta_max: (beta_min >= 0) & (beta_max >= beta_min) & (beta_max > 0),
-        beta_min=self.beta_min, beta_max=self.beta_max)
-
-  @property
-  def T(self):
-    return 1.0
-
   @property
   def prior_std(self):
     return 1.0
-
-  def beta(self, t):
-    return self.beta_min + as_float_time(t) * (self.beta_max - self.beta_min)
-
-  def integrated_beta(self, t):
-    return _linear_integrated_beta(as_float_time(t), self.beta_min, self.beta_max)
 
   def log_alpha(self, t):
     return -0.5 * self.integrated_beta(t)
@@ -382,7 +368,7 @@ class SubVPSDE(AbstractSDE):
     # a = 2S / (2S + 1 + sqrt(4S + 1)) (the other root is 1/a).
     snr = jnp.exp(as_float_time(log_snr))
     alpha2 = 2 * snr / (2 * snr + 1 + jnp.sqrt(4 * snr + 1))
-    return _linear_t_from_integrated_beta(-jnp.log(alpha2), self.beta_min, self.beta_max)
+    return self.t_from_integrated_beta(-jnp.log(alpha2))
 
   def transition_variance(self, s, t):
     a2 = jnp.exp(2 * (self.log_alpha(t) - self.log_alpha(s)))
