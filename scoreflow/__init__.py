@@ -32,4 +32,18 @@ from scoreflow.losses import edm_loss as edm_loss
 from scoreflow.losses import sample_uniform as sample_uniform
 from scoreflow.losses import smld_loss as smld_loss
 
+
+from scoreflow.sampling import CORRECTORS as CORRECTORS
+from scoreflow.sampling import Corrector as Corrector
+from scoreflow.sampling import PREDICTORS as PREDICTORS
+from scoreflow.sampling import Predictor as Predictor
+from scoreflow.sampling import SampleInfo as SampleInfo
+from scoreflow.sampling import ddim_sample as ddim_sample
+from scoreflow.sampling import dpm_solver_pp_sample as dpm_solver_pp_sample
+from scoreflow.sampling import edm_sample as edm_sample
+from scoreflow.sampling import edm_sigmas as edm_sigmas
+from scoreflow.sampling import ode_sample as ode_sample
+from scoreflow.sampling import pc_sample as pc_sample
+from scoreflow.sampling import time_grid as time_grid
+
 __version__ = "0.1.0"
