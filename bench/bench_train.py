@@ -1,0 +1,167 @@
+"""Training throughput of the compiled train step, against this machine's measured matmul/conv peak.
+
+For each model it builds the real train step (DSM loss on the VP SDE, Adam, EMA, non-finite guard, donated state,
+jitted over a mesh of all devices), feeds synthetic batches (no data stack needed) and reports
+
+* compile time of the train step,
+* examples/s and steps/s (median of `--repeats` timed windows of `--calls` calls each),
+* the step's FLOPs from XLA's cost analysis and the achieved FLOP/s,
+* that as a fraction of the best FLOP/s this run measured on a large matmul and on a U-Net-like 3x3 convolution
+  (the same-run baseline: the achievable peak, not a datasheet number).
+
+Cases: `digits` (the `ddpmpp_digits` preset, 8x8x1), `cifar_small` (DDPM++ at 32x32x3 with a small width),
+`cifar10_ddpmpp` (the paper's 62 M-parameter DDPM++ configuration; for accelerators).
+
+    python bench/bench_train.py                              # digits and cifar_small on this machine
+    python bench/bench_train.py --cases cifar10_ddpmpp --batch 128 --compute_dtype bfloat16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import scoreflow as sf
+from scoreflow.models import build_model
+from scoreflow.train import sharding
+from scoreflow.train.state import TrainState, make_optimizer
+from scoreflow.train.step import make_objective, make_train_step
+
+CASES = {
+    "digits": dict(spec="ddpmpp_digits", shape=(8, 8, 1), batch=128),
+    "cifar_small": dict(spec={"preset": "ddpmpp_cifar10", "nf": 32, "num_res_blocks": 2}, shape=(32, 32, 3),
+                        batch=64),
+    "cifar10_ddpmpp": dict(spec="ddpmpp_cifar10", shape=(32, 32, 3), batch=128),
+}
+
+
+def flops_of(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def timed(fn, *args, calls: int, repeats: int):
+  """Median seconds per call of `fn(*args)` over `repeats` windows of `calls` calls (after one warm-up)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - started) / calls)
+  return statistics.median(times)
+
+
+def measure_peak(dtype, repeats: int) -> dict[str, float]:
+  """Best FLOP/s of a large matmul and of a 3x3 convolution (128 channels), measured now."""
+  results = {}
+  on_cpu = jax.devices()[0].platform == "cpu"
+  n = 1024 if on_cpu else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  matmul = jax.jit(lambda a: a @ a)
+  seconds = timed(matmul, a, calls=3 if on_cpu else 20, repeats=repeats)
+  results["matmul"] = 2 * n**3 / seconds
+  batch, size, channels = (16, 16, 128) if on_cpu else (128, 32, 256)
+  x = jax.random.normal(jax.random.key(1), (batch, size, size, channels), dtype)
+  w = jax.random.normal(jax.random.key(2), (3, 3, channels, channels), dtype)
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  seconds = timed(conv, x, w, calls=3 if on_cpu else 20, repeats=repeats)
+  results["conv3x3"] = 2 * batch * size * size * channels * channels * 9 / seconds
+  return results
+
+
+def bench_case(name: str, *, batch: int | None, steps_per_call: int, calls: int, repeats: int, compute_dtype):
+  case = CASES[name]
+  batch = batch or case["batch"]
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(batch, mesh)
+  model = build_model(case["spec"])
+  if compute_dtype is not None:
+    model = model.clone(dtype=compute_dtype)
+  shape = (batch, *case["shape"])
+  optimizer = make_optimizer(2e-4, warmup_steps=10)
+  objective = make_objective(model.apply, sf.VPSDE(), parameterization=sf.EpsilonParameterization(),
+                             reduce_mean=True)
+  train_step = sharding.jit_train_step(make_train_step(objective, optimizer, steps_per_call=steps_per_call),
+                                       mesh, steps_per_call=steps_per_call)
+
+  def init():
+    params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, *case["shape"]), jnp.float32),
+                        jnp.zeros((1,), jnp.float32), train=False)["params"]
+    return TrainState.create(params, optimizer, jax.random.key(1))
+
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+  local = np.random.default_rng(0).standard_normal(((steps_per_call,) if steps_per_call > 1 else ()) + shape)
+  batch_arrays = sharding.global_batch({"x": local.astype(np.float32)}, mesh, steps_axis=steps_per_call > 1)
+
+  started = time.perf_counter()
+  compiled = train_step.lower(state, batch_arrays).compile()
+  compile_seconds = time.perf_counter() - started
+  flops_per_call = flops_of(compiled)
+
+  holder = {"state": state}
+
+  def call(batch_arrays):
+    holder["state"], metrics = compiled(holder["state"], batch_arrays)
+    return metrics
+
+  seconds_per_call = timed(call, batch_arrays, calls=calls, repeats=repeats)
+  steps_per_sec = steps_per_call / seconds_per_call
+  return {
+      "case": name, "params": int(num_params), "batch": batch, "steps_per_call": steps_per_call,
+      "devices": int(mesh.devices.size), "compile_s": compile_seconds, "steps_per_s": steps_per_sec,
+      "examples_per_s": steps_per_sec * batch, "gflop_per_step": flops_per_call / steps_per_call / 1e9,
+      "achieved_gflops": flops_per_call / seconds_per_call / 1e9,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--cases", default="digits,cifar_small", help=f"comma-separated, from {sorted(CASES)}")
+  parser.add_argument("--batch", type=int, default=None, help="global batch (default: per case)")
+  parser.add_argument("--steps_per_call", type=int, default=1)
+  parser.add_argument("--calls", type=int, default=3, help="calls per timed window")
+  parser.add_argument("--repeats", type=int, default=2, help="timed windows (the median is reported)")
+  parser.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--json", default=None, help="also write the results to this file")
+  args = parser.parse_args()
+  compute_dtype = None if args.compute_dtype == "float32" else jnp.bfloat16
+  peak_dtype = jnp.float32 if compute_dtype is None else compute_dtype
+
+  device = jax.devices()[0]
+  print(f"devices: {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}; "
+        f"compute dtype {args.compute_dtype}")
+  peak = measure_peak(peak_dtype, args.repeats)
+  best = max(peak.values())
+  print(f"measured peak: matmul {peak['matmul'] / 1e9:.1f} GFLOP/s, conv3x3 {peak['conv3x3'] / 1e9:.1f} GFLOP/s")
+  rows = []
+  for name in args.cases.split(","):
+    row = bench_case(name.strip(), batch=args.batch, steps_per_call=args.steps_per_call, calls=args.calls,
+                     repeats=args.repeats, compute_dtype=compute_dtype)
+    row["fraction_of_peak"] = row["achieved_gflops"] * 1e9 / best
+    rows.append(row)
+  header = (f"{'case':<16}{'params':>12}{'batch':>7}{'compile s':>11}{'steps/s':>10}{'examples/s':>12}"
+            f"{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}")
+  print(header)
+  for r in rows:
+    print(f"{r['case']:<16}{r['params']:>12,}{r['batch']:>7}{r['compile_s']:>11.1f}{r['steps_per_s']:>10.2f}"
+          f"{r['examples_per_s']:>12.1f}{r['gflop_per_step']:>12.2f}{r['achieved_gflops']:>10.1f}"
+          f"{r['fraction_of_peak']:>9.1%}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"peak_flops": peak, "rows": rows, "device": device.device_kind}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,78 @@
+"""Every config field, with the defaults of Song et al. (2021)'s CIFAR-10 runs; the variants edit a few.
+
+Run a variant, not this file: `python run_train.py --config configs/digits_vp.py --workdir /tmp/digits`
+(this file alone trains the CIFAR-10 DDPM++ (VP) model, which needs CIFAR-10 prepared with tfds).
+Override any field from the command line: `--config.training.batch_size=64 --config.model.nf=32`.
+
+Sections (each is read in one place, `scoreflow.train.builders`):
+  seed: the run's seed (parameters, noise, data order).
+  data: `scoreflow.data.make_dataset` arguments. `name`: a toy density (checkerboard, two_moons,
+    eight_gaussians, swiss_roll, gaussian_mixture), `digits`, or a tfds dataset prepared in `data_dir`
+    (`""`: tfds' default directory); `image_size` 0 keeps the dataset's size; `scaler` "centred" ([-1, 1]) or
+    "unit_interval" ([0, 1]).
+  sde: the forward process. `name`: vp, subvp, ve, cosine_vp (continuous SDEs) or ddpm, smld (discrete
+    chains with `num_scales` levels); each takes the fields it needs (beta_*, sigma_*, cosine_*).
+  model: a preset of `scoreflow.models.PRESETS` expanded into its fields (so that each can be overridden), see
+    `model_config`.
+  parameterization: what the network predicts: score, eps, x0, v or edm; its noise conditioning is the model's
+    `noise_conditioning` kind, with `time_scale` multiplying t for the "time" kind (999 in the paper).
+  loss: dsm (Eq. 7: `weighting` sigma2 or likelihood, `importance_sampling`, `reduce_mean` over dimensions,
+    smallest time `eps`, `t_sampling` iid/stratified/antithetic), edm, ddpm (the DDPM chain's simple loss) or
+    smld (NCSN's loss on the SMLD ladder).
+  optim: Adam/AdamW, peak `learning_rate`, linear warm-up over `warmup_steps`, global-norm `grad_clip`
+    (0 disables), `schedule` constant/cosine/linear decaying to `final_lr_ratio` at the end.
+  training: global `batch_size` (over all devices and hosts), `num_train_steps`, `steps_per_call` (steps fused
+    into one compiled call with lax.scan; every interval must be a multiple of it; keep 1 on CPU, where XLA runs
+    convolutions inside a loop body far slower: 15x for the digits U-Net in bench/bench_train.py), EMA `ema_rate` and
+    `ema_warmup`, `nonfinite` ("skip" a step with a non-finite loss or gradient, or "halt"), `compute_dtype`
+    (float32, or bfloat16 for mixed precision on accelerators), intervals `log_every`, `checkpoint_every`
+    (periodic checkpoints, `keep_checkpoints` kept), `snapshot_every` (preemption snapshot), `sample_every`
+    (sample grids; 0 = only at the end).
+  sampling: in-training samples: `method` pc (`predictor`, `corrector`, `num_steps`, `snr`,
+    `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`) or ddim (`num_steps`, `eta`); `eps` the last time,
+    `num_samples`, `use_ema`.
+"""
+
+import ml_collections
+
+from scoreflow.models import PRESETS
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """`config.model` for a preset of `scoreflow.models.PRESETS`, expanded so that every field can be overridden."""
+  return ml_collections.ConfigDict({"preset": preset, **PRESETS[preset], **overrides})
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+
+  config.data = ml_collections.ConfigDict(dict(
+      name="cifar10", split="train", data_dir="", image_size=0, random_flip=True, dequantize=False,
+      scaler="centred", read_threads=1, prefetch_batches=2))
+
+  config.sde = ml_collections.ConfigDict(dict(
+      name="vp", beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0, num_scales=1000,
+      cosine_s=0.008, cosine_T=0.9946))
+
+  config.model = model_config("ddpmpp_cifar10")
+
+  config.parameterization = ml_collections.ConfigDict(dict(name="eps", time_scale=999.0, sigma_data=0.5))
+
+  config.loss = ml_collections.ConfigDict(dict(
+      name="dsm", weighting="sigma2", importance_sampling=False, reduce_mean=True, eps=1e-5, t_sampling="iid",
+      p_mean=-1.2, p_std=1.2, sigma_data=0.5))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      optimizer="adam", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      warmup_steps=5000, schedule="constant", final_lr_ratio=0.0))
+
+  config.training = ml_collections.ConfigDict(dict(
+      batch_size=128, num_train_steps=1_300_000, steps_per_call=1, ema_rate=0.9999, ema_warmup=False,
+      nonfinite="skip", compute_dtype="float32", log_every=50, checkpoint_every=50_000, snapshot_every=10_000,
+      keep_checkpoints=3, async_checkpointing=True, sample_every=50_000, progress_bar=True))
+
+  config.sampling = ml_collections.ConfigDict(dict(
+      method="pc", predictor="euler_maruyama", corrector="none", num_steps=1000, snr=0.16, n_corrector_steps=1,
+      eps=1e-3, denoise=True, ode_method="tsit5", rtol=1e-5, atol=1e-5, eta=0.0, num_samples=64, use_ema=True))
+  return config

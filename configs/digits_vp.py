@@ -1,0 +1,41 @@
+"""8x8 handwritten digits (scikit-learn's, 17 grey levels, no download) with a small DDPM++ on the VP SDE.
+
+Trains in under 10 minutes on 2 CPU cores to samples that read as digits:
+
+    python run_train.py --config configs/digits_vp.py --workdir /tmp/digits_vp
+
+The digits are prepared once as a tfds dataset in `config.data.data_dir` (tfds' default directory when empty).
+Sample grids (predictor-corrector sampler, Euler-Maruyama predictor) go to `workdir/samples/`.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.seed = 0
+  config.data.name = "digits"
+  config.data.random_flip = False
+  config.sde.name = "vp"
+  config.model = default.model_config("ddpmpp_digits")
+  config.parameterization.name = "eps"
+  config.loss.reduce_mean = True
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 100
+  config.optim.schedule = "cosine"
+  config.optim.final_lr_ratio = 0.05
+  config.training.batch_size = 128
+  config.training.num_train_steps = 1500
+  config.training.steps_per_call = 1
+  config.training.ema_rate = 0.999
+  config.training.ema_warmup = True
+  config.training.log_every = 100
+  config.training.checkpoint_every = 500
+  config.training.snapshot_every = 100
+  config.training.sample_every = 0
+  config.sampling.method = "pc"
+  config.sampling.predictor = "euler_maruyama"
+  config.sampling.corrector = "none"
+  config.sampling.num_steps = 500
+  config.sampling.num_samples = 64
+  return config

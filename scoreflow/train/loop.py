@@ -1,0 +1,353 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+It builds every object from the config at one boundary (:func:`scoreflow.train.builders.build_experiment`),
+then runs the compiled, sharded train step over the data stream with
+
+* automatic resume from the newest complete checkpoint (state, data position) in `workdir`;
+* periodic checkpoints, a frequent preemption snapshot, and a snapshot on SIGTERM;
+* a progress bar (loss, steps/s, examples/s), `workdir/metrics.jsonl` and TensorBoard event files
+  (`workdir/tensorboard/`, written with tensorboardX, no TensorFlow);
+* sample grids from the EMA parameters as PNG and `.npz` in `workdir/samples/`;
+* a summary at the end (`workdir/summary.json`, a loss curve `workdir/loss.png`).
+
+Only process 0 writes logs, pictures and summaries; every process takes part in checkpointing.
+Workdir layout: `config.json`, `checkpoints/<step>/`, `snapshot/<step>/`, `metrics.jsonl`, `tensorboard/`,
+`samples/step_<N>.png|.npz`, `loss.png`, `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoreflow.data import make_dataset
+from scoreflow.train import builders, sharding, visualize
+from scoreflow.train.checkpoint import Checkpointer, check_workdir_config
+from scoreflow.train.state import TrainState
+from scoreflow.train.step import make_objective, make_train_step
+
+logger = logging.getLogger(__name__)
+
+
+def config_to_dict(config) -> dict:
+  """A JSON-compatible nested dict of an `ml_collections.ConfigDict` (or a plain dict)."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return json.loads(json.dumps(config, default=str))
+
+
+class MetricsWriter:
+  """JSON lines and TensorBoard scalars/images on process 0; a no-op elsewhere."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tensorboard = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:  # Optional: logs still go to metrics.jsonl.
+        logger.warning("tensorboardX is not installed; writing metrics.jsonl only (pip install tensorboardX).")
+      else:
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
+    if self._tensorboard is not None:
+      for name, value in values.items():
+        self._tensorboard.add_scalar(f"train/{name}", value, step)
+      self._tensorboard.flush()
+
+  def image(self, step: int, name: str, image: np.ndarray) -> None:
+    if self.enabled and self._tensorboard is not None:
+      self._tensorboard.add_image(name, image, step, dataformats="HWC")
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks (single process), or asks JAX's preemption sync point."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except Exception:  # No preemption service in this runtime.
+        return False
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _local(tree):
+  """Host copies of (replicated) arrays, read from this process's first shard: works in multi-process runs."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
+                      tree)
+
+
+def _stack_batches(dataset, count: int):
+  batches = [next(dataset) for _ in range(count)]
+  if count == 1:
+    return {"x": batches[0]["x"]}
+  return {"x": np.stack([b["x"] for b in batches])}
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains the model that `config` describes in `workdir`, resuming from its newest checkpoint if any.
+
+  Args:
+    config: an `ml_collections.ConfigDict` with the fields of `configs/default.py`.
+    workdir: the run's directory (created if needed).
+    allow_config_change: resume a workdir whose `config.json` differs in fields other than the ones a resumed
+      run may change (:data:`scoreflow.train.builders.RESUMABLE_CHANGES`).
+
+  Returns:
+    The run's summary (also written to `workdir/summary.json` by process 0).
+
+  Raises:
+    ValueError: a bad config field (before any data is read or program compiled), a batch size that does not
+      split over the devices, a workdir holding another configuration, or an unusable checkpoint.
+    FileNotFoundError: a tfds dataset that is not prepared.
+    FloatingPointError: with `training.nonfinite="halt"`, when a step has a non-finite loss or gradient (the last
+      finite state is in the last checkpoint; nothing non-finite is written).
+  """
+  experiment = builders.build_experiment(config)
+  settings = experiment.training
+  workdir = os.fspath(workdir)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(settings.batch_size, mesh, name="config.training.batch_size")
+  os.makedirs(workdir, exist_ok=True)
+  accepted = check_workdir_config(workdir, config_to_dict(config), allowed_changes=builders.RESUMABLE_CHANGES,
+                                  allow_config_change=allow_config_change, write=is_main)
+
+  def say(message: str) -> None:
+    if is_main:
+      from tqdm import tqdm
+      tqdm.write(message)
+
+  for name, (old, new) in accepted.items():
+    say(f"config.{name} changed from {old!r} to {new!r} since this workdir's last run.")
+
+  data = experiment.data
+  dataset = make_dataset(data.name, data.split, global_batch_size=settings.batch_size, seed=experiment.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         **data.dataset_kwargs())
+  element_shape = tuple(dataset.element_shape)
+  model, optimizer = experiment.model, experiment.optimizer
+  init_key, state_key = jax.random.split(jax.random.key(experiment.seed))
+
+  def init_state():
+    x = jnp.zeros((1, *element_shape), jnp.float32)
+    params = model.init({"params": init_key}, x, jnp.zeros((1,), jnp.float32), train=False)["params"]
+    return TrainState.create(params, optimizer, state_key)
+
+  replicated = sharding.replicated(mesh)
+  abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                                jax.eval_shape(init_state))
+  checkpointer = Checkpointer(workdir, keep=settings.keep_checkpoints, async_save=settings.async_checkpointing)
+  restored = checkpointer.restore(abstract_state)
+  if restored is None:
+    state = jax.jit(init_state, out_shardings=replicated)()
+    start_step = 0
+  else:
+    state, meta, start_step = restored
+    if "data" in meta:
+      dataset.set_state(meta["data"])
+    say(f"Resumed from step {start_step} ({checkpointer.latest()[0]}) in {workdir}.")
+  num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract_state.params))
+
+  steps_per_call = settings.steps_per_call
+  objective = make_objective(model.apply, experiment.process, parameterization=experiment.parameterization,
+                             loss=experiment.loss, compute_dtype=experiment.compute_dtype, **experiment.loss_kwargs)
+  train_step = sharding.jit_train_step(
+      make_train_step(objective, optimizer, ema_rate=settings.ema_rate, ema_warmup=settings.ema_warmup,
+                      nonfinite=settings.nonfinite, steps_per_call=steps_per_call,
+                      learning_rate_fn=experiment.learning_rate_fn),
+      mesh, steps_per_call=steps_per_call)
+
+  sample_shape = (experiment.sampler.num_samples, *element_shape)
+  sample = experiment.make_sample_fn()
+  sample_jit = jax.jit(lambda key, params: sample(key, params, sample_shape), out_shardings=replicated)
+  samples_dir = os.path.join(workdir, "samples")
+  writer = MetricsWriter(workdir, is_main)
+  preemption = _Preemption()
+  sample_paths: list[str] = []
+
+  def check_finite_policy():
+    if settings.nonfinite == "halt" and int(_local(state.nonfinite_steps)) > 0:
+      raise FloatingPointError(
+          f"training halted: step {int(_local(state.step))} had a non-finite loss or gradient "
+          f"(config.training.nonfinite='halt'). Parameters were not updated by it and no checkpoint holds a "
+          f"non-finite value; the last checkpoint is {checkpointer.latest()}. Lower config.optim.learning_rate, keep "
+          f"config.optim.grad_clip on, or set config.training.nonfinite='skip' to skip such steps.")
+
+  def save(step: int, *, snapshot: bool = False):
+    check_finite_policy()
+    meta = {"data": dataset.get_state(), "step": step}
+    checkpointer.save(step, state, meta, snapshot=snapshot)
+
+  def draw_samples(step: int):
+    params = state.ema_params if experiment.sampler.use_ema else state.params
+    key = jax.random.fold_in(jax.random.key(experiment.seed + 1), step)
+    started = time.perf_counter()
+    x, info = sample_jit(key, params)
+    x, info = _local((x, info._asdict()))
+    seconds = time.perf_counter() - started
+    if not is_main:
+      return
+    os.makedirs(samples_dir, exist_ok=True)
+    base = os.path.join(samples_dir, f"step_{step}")
+    np.savez(base + ".npz", samples=x, **info)
+    picture = visualize.sample_picture(x, dataset.scaler)
+    visualize.save_png(picture, base + ".png")
+    writer.image(step, "samples", picture)
+    writer.scalars(step, {"sample_seconds": seconds, "sample_nfe": float(np.mean(info.get("nfe", np.nan)))})
+    sample_paths.append(base + ".png")
+
+  from tqdm import tqdm
+  bar = tqdm(total=settings.num_train_steps, initial=start_step, unit="step", dynamic_ncols=True,
+             disable=not (is_main and settings.progress_bar))
+  step = start_step
+  compile_seconds = None
+  window, window_start, window_step = [], time.perf_counter(), step
+  run_start = time.perf_counter()
+  last_record: dict[str, float] = {}
+  preempted = False
+  try:
+    while step < settings.num_train_steps:
+      batch = sharding.global_batch(_stack_batches(dataset, steps_per_call), mesh, steps_axis=steps_per_call > 1)
+      if compile_seconds is None:
+        started = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_seconds = time.perf_counter() - started
+        window_start, window_step = time.perf_counter(), step + steps_per_call
+      else:
+        state, metrics = train_step(state, batch)
+        window.append(metrics)
+      step += steps_per_call
+      bar.update(steps_per_call)
+
+      if step % settings.log_every == 0 or step == settings.num_train_steps:
+        check_finite_policy()
+        host = _local(window or [metrics])
+        elapsed = time.perf_counter() - window_start
+        steps_done = step - window_step
+        record = {name: _finite_mean([m[name] for m in host]) for name in ("loss", "grad_norm")}
+        record["learning_rate"] = float(host[-1]["learning_rate"])
+        record["nonfinite_steps"] = int(_local(state.nonfinite_steps))
+        if steps_done > 0 and elapsed > 0:
+          record["steps_per_sec"] = steps_done / elapsed
+          record["examples_per_sec"] = steps_done * settings.batch_size / elapsed
+        writer.scalars(step, record)
+        last_record = record
+        bar.set_postfix(loss=f"{record['loss']:.4g}", steps_s=f"{record.get('steps_per_sec', 0):.3g}",
+                        ex_s=f"{record.get('examples_per_sec', 0):.4g}", refresh=False)
+        window, window_start, window_step = [], time.perf_counter(), step
+
+      final = step == settings.num_train_steps
+      if final or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+        save(step)
+      elif settings.snapshot_every and step % settings.snapshot_every == 0:
+        save(step, snapshot=True)
+      if settings.sample_every and step % settings.sample_every == 0 and not final:
+        draw_samples(step)
+      if preemption.reached(step) and not final:
+        save(step, snapshot=True)
+        preempted = True
+        say(f"Preemption requested: saved a snapshot at step {step}; rerun the same command to resume.")
+        break
+    if not preempted:
+      check_finite_policy()
+      if step > start_step or not sample_paths:
+        draw_samples(step)
+  finally:
+    bar.close()
+    preemption.close()
+    checkpointer.close()
+    writer.close()
+
+  total_seconds = time.perf_counter() - run_start
+  summary = {
+      "workdir": workdir, "step": step, "start_step": start_step, "preempted": preempted,
+      "num_params": num_params, "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
+      "batch_size": settings.batch_size, "compile_seconds": compile_seconds, "total_seconds": total_seconds,
+      "final_loss": last_record.get("loss"), "steps_per_sec": last_record.get("steps_per_sec"),
+      "examples_per_sec": last_record.get("examples_per_sec"),
+      "nonfinite_steps": int(_local(state.nonfinite_steps)),
+      "checkpoints": checkpointer.steps(), "samples": sample_paths[-1] if sample_paths else None,
+      # Programs compiled for the train step: 1 unless something (a dtype, a sharding) changed between calls.
+      "compilations": train_step._cache_size() if hasattr(train_step, "_cache_size") else None,
+  }
+  if is_main:
+    records = _read_metrics(writer.path)
+    if records:
+      visualize.save_png(visualize.loss_curve_image([r["step"] for r in records], [r["loss"] for r in records]),
+                         os.path.join(workdir, "loss.png"))
+      summary["loss_curve"] = os.path.join(workdir, "loss.png")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    say(_format_summary(summary))
+  return summary
+
+
+def _finite_mean(values) -> float:
+  """The mean of the finite values (NaN marks calls whose steps were all skipped), NaN if there is none."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else float("nan")
+
+
+def _read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [r for r in (json.loads(line) for line in f if line.strip()) if "loss" in r]
+
+
+def _format_summary(summary: dict) -> str:
+  def fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+  lines = [
+      f"Trained {summary['step'] - summary['start_step']} steps (to step {summary['step']}) of a "
+      f"{summary['num_params']:,}-parameter model on {summary['num_devices']} device(s) in "
+      f"{summary['total_seconds']:.1f} s (first call with compilation: {fmt(summary['compile_seconds'], '.1f')} s).",
+      f"  final loss {fmt(summary['final_loss'], '.4g')}, {fmt(summary['steps_per_sec'], '.3g')} steps/s, "
+      f"{fmt(summary['examples_per_sec'], '.4g')} examples/s, {summary['nonfinite_steps']} non-finite steps skipped.",
+      f"  checkpoints: {summary['checkpoints']} in {summary['workdir']}",
+      f"  samples: {summary['samples']}",
+  ]
+  if summary.get("loss_curve"):
+    lines.append(f"  loss curve: {summary['loss_curve']}")
+  if summary["preempted"]:
+    lines.append("  stopped early on a preemption request; rerun to resume.")
+  return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Data parallelism through `jax.sharding`: one `Mesh` over every device of every process, batch on `data`.
+
+The same program runs on one CPU, on 8 forced host devices, on a GPU box and over several processes: the
+train step is jitted with the state replicated and the batch split along its example axis, so XLA inserts the
+gradient all-reduce. Each process feeds only its own examples (:func:`global_batch` assembles them into one
+global array with `jax.make_array_from_process_local_data`).
+
+Several processes (hosts) join through :func:`initialize_distributed`, which must run before any other JAX call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+# Environment variables read by initialize_distributed when no argument is given.
+ENV_COORDINATOR = "SCOREFLOW_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "SCOREFLOW_NUM_PROCESSES"
+ENV_PROCESS_ID = "SCOREFLOW_PROCESS_ID"
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto: bool = False) -> bool:
+  """Joins a multi-process run with `jax.distributed.initialize`; call before any other JAX call.
+
+  Each argument falls back to an environment variable (`SCOREFLOW_COORDINATOR_ADDRESS`,
+  `SCOREFLOW_NUM_PROCESSES`, `SCOREFLOW_PROCESS_ID`). With none of them set, nothing happens unless
+  `auto=True`, which lets JAX detect a cluster (SLURM, Cloud TPU, MPI, ...) by itself.
+
+  Args:
+    coordinator_address: `host:port` of process 0 (e.g. `"127.0.0.1:12345"` for processes on one machine).
+    num_processes: the number of processes.
+    process_id: this process's index in `[0, num_processes)`.
+    auto: initialize with JAX's cluster auto-detection when no address is given.
+
+  Returns:
+    True if `jax.distributed.initialize` was called.
+
+  Raises:
+    ValueError: when an address is given without the process count or index, or the index is out of range.
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  if coordinator_address is None:
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise ValueError(f"initialize_distributed: num_processes={num_processes} and process_id={process_id} need a "
+                       f"coordinator_address (host:port of process 0; flag --coordinator_address or "
+                       f"${ENV_COORDINATOR}).")
+    if auto:
+      jax.distributed.initialize()
+      return True
+    return False
+  if num_processes is None or process_id is None:
+    raise ValueError(f"initialize_distributed: coordinator_address={coordinator_address!r} needs num_processes and "
+                     f"process_id too, got num_processes={num_processes}, process_id={process_id}.")
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"initialize_distributed: process_id must lie in [0, num_processes={num_processes}), "
+                     f"got {process_id}.")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A one-axis mesh named `data` over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (parameters, optimizer state, metrics)."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, *, steps_axis: bool = False) -> NamedSharding:
+  """Examples split over the `data` axis: `[B, *D]`, or `[K, B, *D]` with a leading steps axis."""
+  return NamedSharding(mesh, P(None, DATA_AXIS) if steps_axis else P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, *, name: str = "batch_size") -> None:
+  """Raises a ValueError unless the global batch splits evenly over devices and processes."""
+  num_devices = mesh.devices.size
+  if global_batch_size < 1 or global_batch_size % num_devices:
+    raise ValueError(f"{name}={global_batch_size} must be a positive multiple of the number of devices "
+                     f"({num_devices}) so that every device gets the same number of examples.")
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"{name}={global_batch_size} must be a multiple of the number of processes "
+                     f"({jax.process_count()}).")
+
+
+def global_batch(local_batch, mesh: Mesh, *, steps_axis: bool = False):
+  """Assembles each process's examples into global arrays sharded over `data`.
+
+  Args:
+    local_batch: a pytree of NumPy arrays `[B_local, ...]` (or `[K, B_local, ...]`) read by this process;
+      every process passes the same structure and `B_local = B / process_count`.
+    mesh: the mesh from :func:`make_mesh`.
+    steps_axis: whether the arrays carry a leading steps axis `K`.
+
+  Returns:
+    The same pytree of `jax.Array` with global shape `[B, ...]` (or `[K, B, ...]`).
+  """
+  sharding = batch_sharding(mesh, steps_axis=steps_axis)
+  axis = 1 if steps_axis else 0
+
+  def assemble(local):
+    local = np.asarray(local)
+    global_shape = list(local.shape)
+    global_shape[axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+  return jax.tree.map(assemble, local_batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree of arrays, identical on every process, replicated over the mesh."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda idx: np.asarray(a)[idx]),
+                      tree)
+
+
+def jit_train_step(train_step, mesh: Mesh, *, steps_per_call: int = 1):
+  """Compiles `train_step(state, batch) -> (state, metrics)` over `mesh`: state and metrics replicated, batch
+  sharded on `data`, and the incoming state donated (its buffers are reused for the new state).
+
+  A state passed to the compiled step must not alias buffers between its leaves (e.g. EMA = params without a
+  copy): donating one buffer twice crashes multi-device CPU programs. :meth:`TrainState.create` copies.
+  """
+  return jax.jit(train_step, in_shardings=(replicated(mesh), batch_sharding(mesh, steps_axis=steps_per_call > 1)),
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,211 @@
+r"""One pure training step: loss, gradients, optimizer update, EMA, and a guard against non-finite values.
+
+:func:`make_objective` turns a network into `objective(params, key, x0) -> (loss, LossAux)` using the losses of
+:mod:`scoreflow.losses` and :func:`scoreflow.make_score_fn`; :func:`make_train_step` turns an objective and an
+optax optimizer into `train_step(state, batch) -> (state, metrics)`, a pure function that
+:func:`scoreflow.train.sharding.jit_train_step` compiles over a device mesh with the state donated.
+
+A step whose loss or gradient is not finite is never applied: with `nonfinite="skip"` the parameters, EMA and
+optimizer state stay as they were, the step counter advances (the next step sees fresh data and randomness)
+and `state.nonfinite_steps` counts it; with `nonfinite="halt"` the state freezes at the failing step and the
+training loop raises. Either way no NaN reaches the parameters or a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from scoreflow.losses import ddpm_loss, dsm_loss, edm_loss, smld_loss
+from scoreflow.parameterization import AbstractParameterization, make_score_fn
+from scoreflow.sde import AbstractSDE, DDPMChain, SMLDChain
+from scoreflow.train.state import TrainState, ema_decay, update_ema
+
+LossName = Literal["dsm", "edm", "ddpm", "smld"]
+NonFinitePolicy = Literal["skip", "halt"]
+# apply_fn(variables, x [B, *D], cond [B], train=bool, rngs={"dropout": key}) -> [B, *D]
+ApplyFn = Callable[..., jax.Array]
+Objective = Callable[[Any, jax.Array, jax.Array], tuple]
+
+LOSSES = ("dsm", "edm", "ddpm", "smld")
+NONFINITE_POLICIES = ("skip", "halt")
+
+
+def cast_floating(tree, dtype):
+  """Casts the floating leaves of `tree` to `dtype` (integer leaves are left alone); `dtype=None` is a no-op."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def make_network(apply_fn: ApplyFn, *, train: bool, dropout_key=None, compute_dtype=None):
+  """`network(params, x, cond) -> [B, *D]`: a Flax `apply` with fixed train mode and dropout key.
+
+  With a `compute_dtype` (mixed precision, e.g. `jnp.bfloat16`), the parameters and `x` are cast to it for
+  the forward pass while the caller keeps `params` in their own (float32) dtype, so gradients and updates stay in
+  full precision; the conditioning stays in its own dtype (a time scaled to [0, 999] has only about three
+  significant digits in bfloat16) and the output is cast back to the dtype of `x`.
+  """
+  rngs = {"dropout": dropout_key} if dropout_key is not None else None
+
+  def network(params, x, cond):
+    out = apply_fn({"params": cast_floating(params, compute_dtype)}, cast_floating(x, compute_dtype), cond,
+                   train=train, rngs=rngs)
+    return out.astype(x.dtype)
+
+  return network
+
+
+def make_objective(apply_fn: ApplyFn, process, *, parameterization: AbstractParameterization | None = None,
+                   loss: LossName = "dsm", compute_dtype=None, **loss_kwargs) -> Objective:
+  r"""The training objective `objective(params, key, x0 [B, *D]) -> (scalar loss, LossAux)`.
+
+  * `loss="dsm"` or `"edm"`: `process` is a continuous SDE; the network enters through
+    `make_score_fn(network, params, process, parameterization)` and the loss is :func:`scoreflow.dsm_loss` or
+    :func:`scoreflow.edm_loss` (`loss_kwargs` go to it: `weighting`, `importance_sampling`, `reduce_mean`,
+    `eps`, `t_sampling`, ...).
+  * `loss="ddpm"`: `process` is a :class:`~scoreflow.DDPMChain`; the network predicts the noise from
+    `(x_i, i)` with the integer level `i` as a float conditioning (Ho et al. 2020) in :func:`scoreflow.ddpm_loss`.
+  * `loss="smld"`: `process` is a :class:`~scoreflow.SMLDChain`; the network predicts the score from
+    `(x_i, \sigma_i)` in :func:`scoreflow.smld_loss` (NCSN's noise-conditional score network).
+
+  Dropout draws its randomness from a key split off `key`, so the objective is a deterministic function of its
+  arguments.
+
+  Args:
+    apply_fn: a Flax Linen `apply`: `apply_fn({"params": p}, x, cond, train=True, rngs={"dropout": k})`.
+    process: an SDE or a discrete chain, matching `loss`.
+    parameterization: what the network predicts (continuous losses only; required for them).
+    loss: one of `"dsm"`, `"edm"`, `"ddpm"`, `"smld"`.
+    compute_dtype: forward-pass dtype for mixed precision (see :func:`make_network`), or None.
+    **loss_kwargs: keyword arguments of the loss.
+
+  Raises:
+    ValueError: an unknown loss, or a loss that does not fit the process.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+  if loss in ("dsm", "edm"):
+    if not isinstance(process, AbstractSDE):
+      raise ValueError(f"loss={loss!r} is a continuous-time loss and needs an SDE (VPSDE, SubVPSDE, VESDE, ...), "
+                       f"got {type(process).__name__}; use loss='ddpm' for a DDPMChain or 'smld' for an SMLDChain.")
+    if parameterization is None:
+      raise ValueError(f"loss={loss!r} needs a parameterization (e.g. EpsilonParameterization()), got None.")
+  elif loss == "ddpm" and not isinstance(process, DDPMChain):
+    raise ValueError(f"loss='ddpm' needs a DDPMChain, got {type(process).__name__}.")
+  elif loss == "smld" and not isinstance(process, SMLDChain):
+    raise ValueError(f"loss='smld' needs an SMLDChain, got {type(process).__name__}.")
+  loss_fn = {"dsm": dsm_loss, "edm": edm_loss, "ddpm": ddpm_loss, "smld": smld_loss}[loss]
+
+  def objective(params, key, x0):
+    key_loss, key_dropout = jax.random.split(key)
+    network = make_network(apply_fn, train=True, dropout_key=key_dropout, compute_dtype=compute_dtype)
+    if loss in ("dsm", "edm"):
+      model_fn = make_score_fn(network, params, process, parameterization)
+    elif loss == "ddpm":
+      model_fn = lambda x, i: network(params, x, i.astype(x.dtype))  # noqa: E731
+    else:
+      model_fn = lambda x, i: network(params, x, process.sigmas[i].astype(x.dtype))  # noqa: E731
+    return loss_fn(key_loss, x0, model_fn, process, **loss_kwargs)
+
+  return objective
+
+
+def global_norm(tree):
+  r""":math:`\sqrt{\sum_i \|g_i\|^2}` over the leaves of `tree`."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *, ema_rate: float = 0.9999,
+                    ema_warmup: bool = False, nonfinite: NonFinitePolicy = "skip", steps_per_call: int = 1,
+                    learning_rate_fn: Callable | None = None):
+  r"""`train_step(state, batch) -> (state, metrics)`: `steps_per_call` optimizer steps in one pure function.
+
+  Each step:
+
+  1. draws its key as `fold_in(state.key, state.step)` and evaluates `objective(params, key, batch["x"])` and
+     its gradient;
+  2. if the loss and every gradient entry are finite, applies the optax update and the EMA
+     :math:`\bar\theta \leftarrow \beta_n\bar\theta + (1-\beta_n)\theta` (see :func:`~scoreflow.train.state.ema_decay`);
+  3. otherwise leaves parameters, EMA and optimizer state unchanged and counts the step in
+     `state.nonfinite_steps` (`nonfinite="skip"`: the step counter advances; `"halt"`: the whole state freezes
+     at the failing step, so `state.step` tells where it happened, and every later call is a no-op).
+
+  With `steps_per_call > 1` the steps run under one `lax.scan` (one dispatch, one compiled program).
+
+  Args:
+    objective: `objective(params, key, x0) -> (loss, aux)` (see :func:`make_objective`).
+    optimizer: the optax transformation that built `state.opt_state`.
+    ema_rate: EMA decay :math:`\beta` in [0, 1).
+    ema_warmup: use :math:`\min(\beta, (1+n)/(10+n))`.
+    nonfinite: `"skip"` or `"halt"`.
+    steps_per_call: `K >= 1` steps per call.
+    learning_rate_fn: if given, `metrics["learning_rate"]` reports the rate of the last applied update
+      (the schedule evaluated at the optimizer's update count, which skipped steps do not advance).
+
+  Returns:
+    `train_step(state, batch)` where `batch["x"]` is `[B, *D]` (`K = 1`) or `[K, B, *D]`; other batch
+    entries are ignored. `metrics` is a dict of scalars: `loss` and `grad_norm` (means over the applied steps;
+    NaN if none was), `nonfinite` (steps skipped in this call) and, when asked, `learning_rate`.
+
+  Raises:
+    ValueError: bad `nonfinite`, `steps_per_call` or `ema_rate`.
+  """
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}.")
+  if not isinstance(steps_per_call, int) or steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}.")
+  if not 0 <= ema_rate < 1:
+    raise ValueError(f"ema_rate must lie in [0, 1), got {ema_rate!r}.")
+
+  def one_step(state: TrainState, x0):
+    (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(state.params, state.step_key(), x0)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    if nonfinite == "halt":
+      finite = finite & (state.nonfinite_steps == 0)
+
+    def apply(state):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = update_ema(state.ema_params, params, ema_decay(state.step, ema_rate, ema_warmup))
+      return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+    def skip(state):
+      step = state.step + 1 if nonfinite == "skip" else state.step
+      return state.replace(step=step, nonfinite_steps=state.nonfinite_steps + 1)
+
+    state = jax.lax.cond(finite, apply, skip, state)
+    zero = jnp.zeros((), jnp.float32)
+    metrics = {"loss": jnp.where(finite, loss.astype(jnp.float32), zero),
+               "grad_norm": jnp.where(finite, global_norm(grads).astype(jnp.float32), zero),
+               "applied": finite.astype(jnp.float32)}
+    return state, metrics
+
+  def train_step(state: TrainState, batch):
+    x0 = batch["x"]
+    if steps_per_call == 1:
+      state, metrics = one_step(state, x0)
+    else:
+      if x0.shape[0] != steps_per_call:
+        raise ValueError(f"train_step: with steps_per_call={steps_per_call} batch['x'] must have shape "
+                         f"[{steps_per_call}, B, *D], got {x0.shape}.")
+      state, metrics = jax.lax.scan(one_step, state, x0)
+      metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+    applied = metrics.pop("applied")
+    out = {name: jnp.where(applied > 0, total / jnp.maximum(applied, 1), jnp.nan) for name, total in metrics.items()}
+    out["nonfinite"] = (steps_per_call - applied).astype(jnp.int32)
+    if learning_rate_fn is not None:
+      # The rate of the last applied update: the optimizer counts applied updates only.
+      num_applied = state.step - state.nonfinite_steps if nonfinite == "skip" else state.step
+      out["learning_rate"] = jnp.asarray(learning_rate_fn(jnp.maximum(num_applied - 1, 0)), jnp.float32)
+    return state, out
+
+  return train_step
