@@ -31,10 +31,21 @@ Sections (each is read in one place, `scoreflow.train.builders`):
   sampling: in-training samples: `method` pc (`predictor`, `corrector`, `num_steps`, `snr`,
     `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`) or ddim (`num_steps`, `eta`); `eps` the last time,
     `num_samples`, `use_ema`.
+  eval: run_eval.py. checkpoints "latest" | "all" | "2000" | "1000,3000" | inclusive "1000:5000"; use_ema (else raw
+    params); tasks, comma-separated: bpd, samples, fid (FID/IS/KID), digits (digits classifier metric), quality
+    (digits on digits, fid on other images); seed (dequantization, probe and sampler noise, the same for every
+    checkpoint); batch_size (likelihood and Inception batches); output_dir ("": workdir/eval); cache_dir ("":
+    output_dir/cache); progress_bar. bpd: split, num_examples (0: whole split; required for toy data), num_repeats
+    (dequantization draws), divergence hutchinson|exact, probe, num_probes, rtol, atol, eps, solver, max_steps,
+    per_example. samples: num_samples drawn with config.sampling in shards of shard_size, grid_size for the PNG.
+    fid: inception_path (pytorch-fid weights converted to .npz; nothing is downloaded), reference_split,
+    reference_num_examples (0: all), kid_reference_size, kid_num_subsets, kid_subset_size, is_num_splits.
+    digits: reference_split, classifier_steps, classifier_seed.
 """
 
 import ml_collections
 
+from scoreflow.evaluate.run import eval_config
 from scoreflow.models import PRESETS
 
 
@@ -75,4 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling = ml_collections.ConfigDict(dict(
       method="pc", predictor="euler_maruyama", corrector="none", num_steps=1000, snr=0.16, n_corrector_steps=1,
       eps=1e-3, denoise=True, ode_method="tsit5", rtol=1e-5, atol=1e-5, eta=0.0, num_samples=64, use_ema=True))
+
+  config.eval = eval_config()
   return config

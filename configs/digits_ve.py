@@ -42,4 +42,5 @@ def get_config():
   config.sampling.eps = 1e-5  # The reference code samples VE models down to t = 1e-5 (VP: 1e-3).
   config.sampling.num_steps = 300
   config.sampling.num_samples = 64
+  config.eval.samples.num_samples = 1000
   return config

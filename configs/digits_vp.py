@@ -38,4 +38,5 @@ def get_config():
   config.sampling.corrector = "none"
   config.sampling.num_steps = 500
   config.sampling.num_samples = 64
+  config.eval.samples.num_samples = 1000
   return config

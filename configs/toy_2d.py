@@ -33,4 +33,7 @@ def get_config():
   config.training.sample_every = 0
   config.sampling.method = "ode"
   config.sampling.num_samples = 1000
+  config.eval.bpd.num_examples = 4096
+  config.eval.samples.num_samples = 4096
+  config.eval.batch_size = 512
   return config

@@ -67,7 +67,7 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 RESUMABLE_CHANGES = ("training.num_train_steps", "training.log_every", "training.checkpoint_every",
                      "training.snapshot_every", "training.sample_every", "training.keep_checkpoints",
                      "training.async_checkpointing", "training.progress_bar", "sampling.", "data.data_dir",
-                     "data.read_threads", "data.prefetch_batches")
+                     "data.read_threads", "data.prefetch_batches", "eval.")
 
 
 @dataclasses.dataclass(frozen=True)
