@@ -16,11 +16,11 @@ true marginal :math:`p_T`, not on :math:`\pi` (pass `prior_logp_fn` to use anoth
 
 Implementation. The augmented state :math:`(x, \Delta/D)` with :math:`\Delta = \int\nabla\cdot\tilde f\,dt` is
 integrated by an adaptive explicit Runge-Kutta method of diffrax (the Dormand-Prince 5(4) pair by default, the
-RK45 of the 2021 code; or Tsit5, Dopri8, Bosh3) with a PID step-size controller, inside one jit-compiled program: no host
-round trip per step. The divergence integral is carried per dimension (nats/dim), so `rtol` and `atol` mean the
-same for it as for each coordinate of `x`; the error norm of one example is the larger of the RMS over the
-coordinates of `x` and the RMS over the probe integrals, so neither the state nor the log-density can hide
-behind the other. Two modes:
+RK45 of the 2021 code; or Tsit5, Dopri8, Bosh3) with a PID step-size controller, inside one jit-compiled
+program: no host round trip per step. The divergence integral is carried per dimension (nats/dim), so `rtol`
+and `atol` mean the same for it as for each coordinate of `x`; the error norm of one example is the larger of
+the RMS over the coordinates of `x` and the RMS over the probe integrals, so neither the state nor the
+log-density can hide behind the other. Two modes:
 
 * `per_example=False` (default): one solve over the whole batch with shared steps, whose error norm is the
   maximum of the per-example norms, so every example meets the tolerance. (An RMS over the whole batch, as in
@@ -91,7 +91,8 @@ class LikelihoodInfo(NamedTuple):
   num_steps: jax.Array  # [B] int32 attempted steps (accepted + rejected).
   num_rejected_steps: jax.Array  # [B] int32 rejected steps.
   status: jax.Array  # [B] int32 SolveStatus code.
-  logp_stderr: jax.Array  # [B] Hutchinson standard error of logp (0 for the exact trace, NaN for one probe).
+  logp_stderr: jax.Array  # [B] Hutchinson standard error of logp (0 for the exact trace; NaN for one probe
+  #                          or a failed solve).
 
   @property
   def success(self):
@@ -160,8 +161,9 @@ def hutchinson_divergence(fn, x, probes):
     ValueError: if `probes` is not `[K, *x.shape]`.
   """
   if probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape:
-    raise ValueError(f"hutchinson_divergence: probes must have shape [K, *x.shape] = [K, {', '.join(map(str, x.shape))}], "
-                     f"got {probes.shape}; draw them with sample_probes(key, x.shape, num_probes).")
+    raise ValueError(f"hutchinson_divergence: probes must have shape [K, *x.shape] = "
+                     f"[K, {', '.join(map(str, x.shape))}], got {probes.shape}; draw them with "
+                     "sample_probes(key, x.shape, num_probes).")
   fx, fn_jvp = jax.linearize(fn, x)
   jvps = jax.vmap(fn_jvp)(probes.astype(x.dtype))
   estimates = jnp.sum((probes * jvps).reshape(probes.shape[:2] + (-1,)), axis=-1)
@@ -225,21 +227,35 @@ def _example_norm(batch_ndim: int):
 
 
 def _solve(vector_field, y0, t0, t1, *, solver, rtol, atol, max_steps, batch_ndim):
-  """Adaptive solve from `t0` to `t1`; returns `(y(t1), status, num_steps, num_rejected_steps)`."""
+  r"""Adaptive solve from `t0` to `t1`; returns `(y(t1), status, num_steps, num_rejected_steps)`.
+
+  The solve runs in the normalised time :math:`s = (t - t_0)/(t_1 - t_0) \in [0, 1]` (either direction of
+  `t`) with `dt0=None`: diffrax then has no traced time interval to check with a host callback (which would
+  keep the program out of JAX's persistent compilation cache), and for an ODE term its first step is 0.01,
+  1% of the interval, without evaluating the vector field (diffrax 0.7.2).
+  """
+  dtype = t0.dtype
+  span = t1 - t0
+
+  def normalised_field(s, y, args):
+    dy = vector_field((t0 + s * span).astype(dtype), y, args)
+    return jax.tree.map(lambda leaf: span.astype(leaf.dtype) * leaf, dy)
+
+  s0, s1 = np.zeros((), dtype), np.ones((), dtype)
   controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_example_norm(batch_ndim))
   solver_state = None
   if solver.tableau.fsal:
     # An FSAL pair reuses the last stage of a step as the first of the next. Left to itself, diffrax evaluates
     # the first stage at t0 again after every rejection of the first step; handing it f(t0, y0) makes the
     # count exact: (num_stages - 1) evaluations per attempted step plus this one.
-    solver_state = (jnp.array(False), vector_field(t0, y0, None))
+    solver_state = (jnp.array(False), normalised_field(s0, y0, None))
   solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), solver, t0, t1, (t1 - t0) / 100, y0, solver_state=solver_state,
+      diffrax.ODETerm(normalised_field), solver, s0, s1, None, y0, solver_state=solver_state,
       saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller, max_steps=max_steps, throw=False)
   y1 = jax.tree.map(lambda leaf: leaf[0], solution.ys)
   status = jnp.where(
       solution.result == diffrax.RESULTS.successful,
-      jnp.where(solution.ts[0] == t1, SolveStatus.SUCCESS, SolveStatus.SOLVER_FAILED),
+      jnp.where(solution.ts[0] == s1, SolveStatus.SUCCESS, SolveStatus.SOLVER_FAILED),
       jnp.where(solution.result == diffrax.RESULTS.max_steps_reached, SolveStatus.MAX_STEPS_REACHED,
                 SolveStatus.SOLVER_FAILED))
   return y1, status, solution.stats["num_steps"], solution.stats["num_rejected_steps"]
@@ -325,8 +341,8 @@ def _log_likelihood_impl(key, sde, score_fn, prior_logp_fn, x, eps, rtol, atol, 
 
   prior_logp = sde.prior_logp(z) if prior_logp_fn is None else prior_logp_fn(z)
   if getattr(prior_logp, "shape", None) != (batch,):
-    raise ValueError(f"log_likelihood: prior_logp_fn(z) must return log-densities of shape [B] = ({batch},) for z: {z.shape}; "
-                     f"got {getattr(prior_logp, 'shape', type(prior_logp).__name__)}.")
+    raise ValueError(f"log_likelihood: prior_logp_fn(z) must return log-densities of shape [B] = ({batch},) "
+                     f"for z: {z.shape}; got {getattr(prior_logp, 'shape', type(prior_logp).__name__)}.")
   logp_per_probe = prior_logp.astype(x.dtype)[:, None] + num_dims * delta  # [B, K]
   logp = jnp.mean(logp_per_probe, axis=1)
   if divergence == "exact":
@@ -338,7 +354,7 @@ def _log_likelihood_impl(key, sde, score_fn, prior_logp_fn, x, eps, rtol, atol, 
 
   status = _finalize_status(status, jnp.isfinite(logp) & _all_finite(z), batch)
   ok = status == SolveStatus.SUCCESS
-  logp = jnp.where(ok, logp, jnp.nan)
+  logp, stderr = jnp.where(ok, logp, jnp.nan), jnp.where(ok, stderr, jnp.nan)
   z = jnp.where(ok.reshape((batch,) + (1,) * (x.ndim - 1)), z, jnp.nan)
   num_steps = jnp.broadcast_to(num_steps, (batch,)).astype(jnp.int32)
   info = LikelihoodInfo(nfe=_nfe(solver, num_steps), num_steps=num_steps,
@@ -413,7 +429,7 @@ def _check_solve_options(name, sde, score_fn, eps, rtol, atol, max_steps):
   eps_value, T_value = concrete_value(eps), concrete_value(sde.T)
   if eps_value is not None and not (np.ndim(eps_value) == 0 and (T_value is None or 0 < eps_value < T_value)):
     raise ValueError(f"{name}: eps must be a scalar time in (0, T) = (0, {T_value}), got "
-                     f"{np.asarray(eps_value).tolist()}; the usual choice is 1e-5 (1e-3 for VE in float32).")
+                     f"{np.asarray(eps_value).tolist()}; the usual choice is 1e-5.")
 
 
 def _as_leaf_arrays(sde):
@@ -443,9 +459,11 @@ def log_likelihood(key, sde: AbstractSDE, score_fn: ScoreFn, x, *, eps=1e-5, rto
   Args:
     key: PRNG key for the Hutchinson probes (unused, and may be None, with `divergence="exact"`).
     sde: the forward process.
-    score_fn: `score_fn(x [B, *D], t [B]) -> [B, *D]`. It is compiled once per object: pass the same
-      callable on repeated calls (a pytree callable such as `jax.tree_util.Partial(apply, params)` has its
-      arrays traced rather than baked in, so new parameters do not recompile either).
+    score_fn: `score_fn(x [B, *D], t [B]) -> [B, *D]`, acting on each example independently. The program
+      is compiled once per callable: pass the same object on repeated calls. A closure over parameters bakes
+      them into the program as constants; a pytree callable such as `jax.tree_util.Partial(apply, params)`
+      has its arrays traced instead (new parameters then do not recompile), and so does a closure inside
+      your own `jax.jit` that takes the parameters as an argument.
     x: data in model space, `[B, *D]`, floating; the output dtype follows it.
     eps: start time of the ODE (the likelihood is that of :math:`p_\epsilon`, the data perturbed up to `eps`).
     rtol, atol: tolerances of the step-size controller, for each coordinate of `x` and for the log-density

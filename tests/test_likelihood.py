@@ -88,8 +88,9 @@ def test_per_example_steps_are_independent(getkey):
 
 
 def test_nfe_is_exact_and_nothing_recompiles(getkey):
-  # Every attempted step of an FSAL Runge-Kutta pair (Dormand-Prince 5(4), 7 stages) costs 6 evaluations, plus one at the start;
-  # counted at run time by a callback inside the score. Python side effects count traces instead.
+  # Every attempted step of an FSAL Runge-Kutta pair (Dormand-Prince 5(4), 7 stages) costs 6 evaluations,
+  # plus one at the start; counted at run time by a callback inside the score. Python side effects count
+  # traces instead.
   sde, data = SDES["VP"], MIXTURE
   calls, traces = [], []
 
