@@ -46,4 +46,18 @@ from scoreflow.sampling import ode_sample as ode_sample
 from scoreflow.sampling import pc_sample as pc_sample
 from scoreflow.sampling import time_grid as time_grid
 
+from scoreflow.likelihood import BitsPerDimEstimate as BitsPerDimEstimate
+from scoreflow.likelihood import LikelihoodInfo as LikelihoodInfo
+from scoreflow.likelihood import ODESolveInfo as ODESolveInfo
+from scoreflow.likelihood import SolveStatus as SolveStatus
+from scoreflow.likelihood import bits_per_dim as bits_per_dim
+from scoreflow.likelihood import decode as decode
+from scoreflow.likelihood import dequantize as dequantize
+from scoreflow.likelihood import encode as encode
+from scoreflow.likelihood import evaluate_bits_per_dim as evaluate_bits_per_dim
+from scoreflow.likelihood import exact_divergence as exact_divergence
+from scoreflow.likelihood import hutchinson_divergence as hutchinson_divergence
+from scoreflow.likelihood import log_likelihood as log_likelihood
+from scoreflow.likelihood import sample_probes as sample_probes
+
 __version__ = "0.1.0"
