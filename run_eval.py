@@ -44,7 +44,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   # Check the configuration before JAX starts any work: errors name the field.
   from scoreflow.evaluate import run
-  from scoreflow.train import builders
+  from scoreflow.train import builders, checkpoint
 
   builders.build_experiment(_CONFIG.value)
   run.build_eval_settings(_CONFIG.value)
@@ -54,9 +54,9 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if _MODE.value == "reference":
-    run.compute_reference_statistics(_CONFIG.value, _WORKDIR.value)
+    run.compute_reference_statistics(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value))
   else:
-    run.evaluate(_CONFIG.value, _WORKDIR.value)
+    run.evaluate(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value))
 
 
 def run():

@@ -49,9 +49,10 @@ def main(argv):
 
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  from scoreflow.train import loop
+  from scoreflow.train import checkpoint, loop
 
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  loop.train_and_evaluate(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value),
+                         allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 def run():

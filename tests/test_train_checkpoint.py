@@ -120,3 +120,13 @@ def test_workdir_config_guard(tmp_path):
     ckpt_lib.check_workdir_config(tmp_path, wider, allowed_changes=("training.",))
   assert ckpt_lib.check_workdir_config(tmp_path, wider, allow_config_change=True) == {"model.nf": (32, 64)}
   assert json.loads((tmp_path / "config.json").read_text())["model"]["nf"] == 64
+
+
+def test_relative_workdirs_are_made_absolute(tmp_path, monkeypatch):
+  """Orbax refuses relative paths; `run_train.py --workdir runs/x` must still work (URLs stay as they are)."""
+  from scoreflow.train import checkpoint
+
+  monkeypatch.chdir(tmp_path)
+  assert checkpoint.absolute_workdir("runs/x") == str(tmp_path / "runs" / "x")
+  assert checkpoint.absolute_workdir("gs://bucket/run") == "gs://bucket/run"
+  assert checkpoint.Checkpointer("runs/x", async_save=False).workdir == str(tmp_path / "runs" / "x")

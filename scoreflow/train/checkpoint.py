@@ -29,6 +29,12 @@ SNAPSHOT = "snapshot"
 CONFIG_FILE = "config.json"
 
 
+def absolute_workdir(workdir: str | os.PathLike) -> str:
+  """`workdir` as an absolute path (Orbax refuses relative ones); URLs such as gs://... are kept as they are."""
+  workdir = os.fspath(workdir)
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
 class CheckpointError(ValueError):
   """A checkpoint or working directory that cannot be used as asked (missing, corrupt, mismatched)."""
 
@@ -89,7 +95,7 @@ class Checkpointer:
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"Checkpointer: keep must be an int >= 1, got {keep!r}.")
-    self.workdir = os.fspath(workdir)
+    self.workdir = absolute_workdir(workdir)
     self._managers = {}
     for kind, max_to_keep in ((CHECKPOINTS, keep), (SNAPSHOT, 1)):
       options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
