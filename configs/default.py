@@ -29,7 +29,9 @@ Sections (each is read in one place, `scoreflow.train.builders`):
     (periodic checkpoints, `keep_checkpoints` kept), `snapshot_every` (preemption snapshot), `sample_every`
     (sample grids; 0 = only at the end).
   sampling: in-training samples: `method` pc (`predictor`, `corrector`, `num_steps`, `snr`,
-    `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`) or ddim (`num_steps`, `eta`); `eps` the last time,
+    `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`), ddim (`num_steps`, `eta`), edm (Karras et al.'s Heun
+    sampler: `num_steps`, `rho`, churn `s_churn`, `s_min`, `s_max`, `s_noise`) or dpm_solver (DPM-Solver++:
+    `num_steps`, `dpm_order` 1 or 2, `dpm_spacing` log_snr or time); `eps` the last time,
     `num_samples`, `use_ema`.
   eval: run_eval.py. checkpoints "latest" | "all" | "2000" | "1000,3000" | inclusive "1000:5000"; use_ema (else raw
     params); tasks, comma-separated: bpd, samples, fid (FID/IS/KID), digits (digits classifier metric), quality
@@ -85,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sampling = ml_collections.ConfigDict(dict(
       method="pc", predictor="euler_maruyama", corrector="none", num_steps=1000, snr=0.16, n_corrector_steps=1,
-      eps=1e-3, denoise=True, ode_method="tsit5", rtol=1e-5, atol=1e-5, eta=0.0, num_samples=64, use_ema=True))
+      eps=1e-3, denoise=True, ode_method="tsit5", rtol=1e-5, atol=1e-5, eta=0.0, rho=7.0, s_churn=0.0, s_min=0.0,
+      s_max=1000.0, s_noise=1.0, dpm_order=2, dpm_spacing="log_snr", num_samples=64, use_ema=True))
 
   config.eval = eval_config()
   return config

@@ -157,3 +157,11 @@ def _call(sampler, **options):
 def test_errors_name_the_argument(sampler, options, message):
   with pytest.raises(ValueError, match=message):
     _call(sampler, **options)
+
+
+def test_edm_without_churn_is_finite_in_float32_on_vp():
+  """Regression: sqrt(sigma_hat^2 - sigma^2) at gamma = 0 rounded to sqrt(-tiny) = NaN on the VP process."""
+  sde = sf.VPSDE()
+  score_fn = GaussianMixture.gaussian(jnp.zeros(2), 1.0).score(sde)
+  x, _ = sf.edm_sample(jax.random.key(0), sde, score_fn, (64, 2), num_steps=8, dtype=jnp.float32)
+  assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))

@@ -126,7 +126,9 @@ def edm_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, num_steps: in
     gamma = jnp.where((sigma >= s_min) & (sigma <= s_max), gamma_max, 0)
     sigma_hat = sigma * (1 + gamma)
     noise = s_noise * jax.random.normal(key, x_scaled.shape, dtype)
-    return x_scaled + jnp.sqrt(sigma_hat**2 - sigma**2) * noise, sigma_hat
+    # sqrt(sigma_hat^2 - sigma^2) written so that gamma = 0 gives exactly 0: the difference of squares can round
+    # (fused multiply-add) to a tiny negative number, whose square root is NaN.
+    return x_scaled + sigma * jnp.sqrt(gamma * (2 + gamma)) * noise, sigma_hat
 
   def heun_step(x_scaled, inputs):
     key, sigma, sigma_next = inputs

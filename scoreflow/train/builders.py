@@ -59,6 +59,10 @@ SAMPLERS: dict[str, tuple[Callable, dict[str, str]]] = {
     "ode": (sampling.ode_sample, {"ode_method": "method", "rtol": "rtol", "atol": "atol", "eps": "eps",
                                   "denoise": "denoise"}),
     "ddim": (sampling.ddim_sample, {"num_steps": "num_steps", "eta": "eta", "eps": "eps"}),
+    "edm": (sampling.edm_sample, {"num_steps": "num_steps", "rho": "rho", "s_churn": "s_churn", "s_min": "s_min",
+                                  "s_max": "s_max", "s_noise": "s_noise", "eps": "eps"}),
+    "dpm_solver": (sampling.dpm_solver_pp_sample, {"num_steps": "num_steps", "dpm_order": "order",
+                                                   "dpm_spacing": "spacing", "eps": "eps", "denoise": "denoise"}),
 }
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
