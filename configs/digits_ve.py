@@ -8,39 +8,25 @@ Trains in under 10 minutes on 2 CPU cores to samples that read as digits:
 in [-1, 1]: 9.6). Samples use the paper's VE sampler: reverse-diffusion predictor with a Langevin corrector.
 """
 
-from configs import default
+from configs import default, digits_vp
 
 
 def get_config():
-  config = default.get_config()
-  config.seed = 0
-  config.data.name = "digits"
-  config.data.random_flip = False
+  """digits_vp's data, optimiser and schedule, with the VE process, NCSN++ and the paper's VE sampler."""
+  config = digits_vp.get_config()
   config.sde.name = "ve"
   config.sde.sigma_min = 0.01
   config.sde.sigma_max = 10.0
   config.model = default.model_config("ncsnpp_digits")
   config.parameterization.name = "score"
   config.loss.reduce_mean = False
-  config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 50
-  config.optim.schedule = "cosine"
-  config.optim.final_lr_ratio = 0.05
-  config.training.batch_size = 128
   config.training.num_train_steps = 800
-  config.training.steps_per_call = 1
-  config.training.ema_rate = 0.999
-  config.training.ema_warmup = True
-  config.training.log_every = 100
   config.training.checkpoint_every = 500
   config.training.snapshot_every = 100
-  config.training.sample_every = 0
-  config.sampling.method = "pc"
   config.sampling.predictor = "reverse_diffusion"
   config.sampling.corrector = "langevin"
   config.sampling.snr = 0.16
   config.sampling.eps = 1e-5  # The reference code samples VE models down to t = 1e-5 (VP: 1e-3).
   config.sampling.num_steps = 300
-  config.sampling.num_samples = 64
-  config.eval.samples.num_samples = 1000
   return config
