@@ -97,6 +97,19 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
   gc.collect()  # TensorStore's failed reads report late; let them do so under this test's warning filter.
 
 
+def test_saving_again_compiles_nothing(tmp_path):
+  """The finiteness check before each save is compiled once per state layout: a fresh jit per save recompiled
+  it every time (2.7 s of every 2.9 s save of the digits state on a CPU; most of a GPU run's time)."""
+  state = _state(features=24)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  compiled = ckpt_lib._all_finite_device._cache_size()
+  for step in (2, 3):
+    ckpt.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), snapshot=step == 3)
+  ckpt.close()
+  assert ckpt_lib._all_finite_device._cache_size() == compiled
+
+
 def test_refuses_to_save_nonfinite_state(tmp_path):
   state = _state()
   bad = state.replace(params=jax.tree.map(lambda p: p.at[...].set(jnp.nan), state.params))

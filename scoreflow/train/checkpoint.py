@@ -71,11 +71,17 @@ def describe_mismatch(saved: dict[str, tuple], expected: dict[str, tuple], limit
   return lines
 
 
+@jax.jit
+def _all_finite_device(leaves):
+  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]).all()
+
+
 def _all_finite(tree) -> bool:
+  # One module-level jitted reduction: compiled once per state layout, not on every save.
   leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
   if not leaves:
     return True
-  return bool(jax.jit(lambda ls: jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in ls]).all())(leaves))
+  return bool(_all_finite_device(leaves))
 
 
 class Checkpointer:
