@@ -341,6 +341,43 @@ def test_models_plug_into_make_score_fn_under_jit():
 EVEN_KERNELS = [(1, 1), (1, 3, 3, 1), (1, 5, 10, 10, 5, 1)]
 
 
+def _upfirdn2d_reference(x, filter_2d, up, down, pad):
+  """NumPy/SciPy definition: zero-stuff, pad (negative crops), full 2-D convolution's valid part, stride."""
+  import scipy.signal  # pylint: disable=g-import-not-at-top
+
+  batch, height, width, channels = x.shape
+  stuffed = np.zeros((batch, height * up, width * up, channels))
+  stuffed[:, ::up, ::up] = x
+  before, after = pad
+  padded = np.pad(stuffed, ((0, 0), (max(before, 0), max(after, 0)), (max(before, 0), max(after, 0)), (0, 0)))
+  crop = lambda n: slice(max(-before, 0), n - max(-after, 0))
+  padded = padded[:, crop(padded.shape[1]), crop(padded.shape[2])]
+  out = np.stack([np.stack([scipy.signal.convolve2d(padded[b, :, :, c], filter_2d, mode="valid")
+                            for c in range(channels)], -1) for b in range(batch)])
+  return out[:, ::down, ::down]
+
+
+@pytest.mark.parametrize("filter_kind", ["separable", "general"])
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (0, 0)), (2, 1, (2, 1)), (1, 2, (1, 1)), (2, 2, (3, 0)),
+                                         (1, 1, (-1, 2)), (3, 1, (1, 2))])
+def test_upfirdn2d_matches_its_definition(filter_kind, up, down, pad):
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 7, 6, 3))
+  if filter_kind == "separable":
+    filter_2d = np.outer([1.0, 3.0, 3.0, 1.0], [1.0, -2.0, 0.5, 0.0])  # Asymmetric, with a zero tap.
+  else:
+    filter_2d = rng.standard_normal((3, 3))
+  got = layers.upfirdn2d(jnp.asarray(x), filter_2d, up=up, down=down, pad=pad)
+  np.testing.assert_allclose(got, _upfirdn2d_reference(x, filter_2d, up, down, pad), rtol=1e-12, atol=1e-12)
+
+
+def test_upfirdn2d_keeps_the_input_dtype_and_rejects_traced_filters():
+  x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
+  assert layers.upsample_2d(x).dtype == jnp.bfloat16 and layers.downsample_2d(x).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="concrete values"):
+    jax.jit(lambda f: layers.upfirdn2d(x, f))(jnp.ones((2, 2)))
+
+
 @pytest.mark.parametrize("kernel", EVEN_KERNELS)
 def test_fir_upsampling_is_the_adjoint_of_downsampling(kernel):
   """<up(y), x> = 4 <y, down(x)> for a symmetric even-length kernel: the same filter, zero-inserted vs strided."""
