@@ -8,27 +8,15 @@ predictor-corrector sampling with snr 0.17. (The 2021 repository trained this mo
 this is its continuous-time version, as for CIFAR-10.) CelebA must be prepared with tfds in `data_dir`.
 """
 
-from configs import default
+from configs import cifar10_ncsnpp_continuous, default
 
 
 def get_config():
-  config = default.get_config()
+  """The CIFAR-10 NCSN++ (continuous VE) configuration with CelebA's data, sigma_max, model size and snr."""
+  config = cifar10_ncsnpp_continuous.get_config()
   config.data.name = "celeb_a"
   config.data.image_size = 64
-  config.data.random_flip = True
-  config.data.scaler = "unit_interval"
-  config.sde.name = "ve"
-  config.sde.sigma_min = 0.01
   config.sde.sigma_max = 90.0
   config.model = default.model_config("ncsnpp_celeba64", centered=False)
-  config.parameterization.name = "score"
-  config.loss.reduce_mean = False
-  config.training.ema_rate = 0.999
-  config.training.steps_per_call = 5
-  config.sampling.method = "pc"
-  config.sampling.predictor = "reverse_diffusion"
-  config.sampling.corrector = "langevin"
   config.sampling.snr = 0.17
-  config.sampling.eps = 1e-5  # The reference code samples VE models down to t = 1e-5 (VP: 1e-3).
-  config.sampling.num_steps = 1000
   return config
