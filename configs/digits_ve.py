@@ -21,7 +21,7 @@ def get_config():
   config.parameterization.name = "score"
   config.loss.reduce_mean = False
   config.optim.warmup_steps = 50
-  config.training.num_train_steps = 800
+  config.training.num_train_steps = 1200
   config.training.checkpoint_every = 500
   config.training.snapshot_every = 100
   config.sampling.predictor = "reverse_diffusion"
