@@ -19,10 +19,10 @@ computes (and caches) the reference statistics that the quality metrics compare 
 Every config field is listed, with its meaning, in configs/default.py.
 """
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from scoreflow import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The run's configuration file (configs/<name>.py); override fields with "
@@ -32,39 +32,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (i
 _MODE = flags.DEFINE_enum("mode", "evaluate", ["evaluate", "reference"],
                           "evaluate: the tasks of config.eval.tasks; reference: only compute and cache the reference "
                           "statistics of the quality metrics.")
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A persistent XLA compilation cache "
-                                         "directory (speeds up restarts).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; fields are set with --config.<section>.<field>=value.")
-  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO; keep the progress bars readable.
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   # Check the configuration before JAX starts any work: errors name the field.
   from scoreflow.evaluate import run
   from scoreflow.train import builders, checkpoint
 
   builders.build_experiment(_CONFIG.value)
   run.build_eval_settings(_CONFIG.value)
-  if _COMPILATION_CACHE.value:
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if _MODE.value == "reference":
     run.compute_reference_statistics(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value))
   else:
     run.evaluate(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value))
 
 
-def run():
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError) as error:  # Configuration, checkpoint and data errors: one clear message.
-    raise SystemExit(f"error: {error}") from None
-
-
 if __name__ == "__main__":
-  run()
+  cli.run(main)

@@ -13,10 +13,10 @@ SCOREFLOW_NUM_PROCESSES and SCOREFLOW_PROCESS_ID environment variables); each re
 Every config field is listed, with its meaning, in configs/default.py.
 """
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from scoreflow import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file (configs/<name>.py); override fields with "
@@ -29,38 +29,21 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
-_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A persistent XLA compilation cache "
-                                         "directory (speeds up restarts).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; fields are set with --config.<section>.<field>=value.")
-  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log every save at INFO; keep the progress bar readable.
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   # Check the configuration before JAX starts any work: errors name the field.
   from scoreflow.train import builders, sharding
 
   builders.build_experiment(_CONFIG.value)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if _COMPILATION_CACHE.value:
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from scoreflow.train import checkpoint, loop
 
   loop.train_and_evaluate(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value),
                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
-def run():
-  try:
-    app.run(main)
-  except ValueError as error:  # Configuration and checkpoint errors: one clear line instead of a traceback.
-    raise SystemExit(f"error: {error}") from None
-
-
 if __name__ == "__main__":
-  run()
+  cli.run(main)

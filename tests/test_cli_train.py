@@ -80,6 +80,19 @@ def test_bad_override_fails_fast_naming_the_field(tmp_path):
   assert result.returncode != 0 and "batch_sizee" in result.stderr
 
 
+def test_missing_dataset_fails_fast_with_one_line(tmp_path):
+  """An unprepared tfds dataset stops the run within seconds, before the model is built or compiled, with the
+  command that prepares it and no traceback; the workdir gets no checkpoint."""
+  started = time.perf_counter()
+  result = run_train("--config", "configs/cifar10_ddpmpp_continuous.py", "--workdir", str(tmp_path / "run"),
+                     f"--config.data.data_dir={tmp_path / 'no_data'}")
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "error: Dataset 'cifar10' is not prepared" in result.stderr and "tfds build cifar10" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert time.perf_counter() - started < 60
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
