@@ -33,6 +33,7 @@ _MODE = flags.DEFINE_enum("mode", "evaluate", ["evaluate", "reference"],
                           "evaluate: the tasks of config.eval.tasks; reference: only compute and cache the reference "
                           "statistics of the quality metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(cli)  # --help lists --compilation_cache_dir too.
 
 
 def main(argv):

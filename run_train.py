@@ -30,6 +30,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process r
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(cli)  # --help lists --compilation_cache_dir too.
 
 
 def main(argv):

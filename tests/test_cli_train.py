@@ -65,7 +65,7 @@ def test_help_lists_the_flags():
   result = run_train("--help")
   assert result.returncode in (0, 1)  # absl exits with 1 after printing the help.
   assert "Trains a score-based generative model" in result.stdout and "configs/default.py" in result.stdout
-  for flag in ("--config", "--workdir", "allow_config_change", "--coordinator_address"):
+  for flag in ("--config", "--workdir", "allow_config_change", "--coordinator_address", "--compilation_cache_dir"):
     assert flag in result.stdout
 
 
