@@ -73,7 +73,6 @@ from scoreflow.likelihood import bits_per_dim, dequantize, log_likelihood
 from scoreflow.parameterization import make_score_fn
 from scoreflow.train import builders, sharding
 from scoreflow.train.checkpoint import CONFIG_FILE, CheckpointError, Checkpointer, config_differences
-from scoreflow.train.state import TrainState
 from scoreflow.train.step import make_network
 
 TASKS = ("bpd", "samples", "fid", "digits")
@@ -229,7 +228,8 @@ def build_eval_settings(config) -> EvalSettings:
   """
   # The checked getters of the training config's boundary, so that messages read the same.
   # pylint: disable=protected-access
-  _get, _int, _float, _choice = builders._get, builders._int, builders._float, builders._choice
+  _get, _int, _float, _choice = (builders.config_field, builders.config_int, builders.config_float,
+                                 builders.config_choice)
   # pylint: enable=protected-access
   data_name = _get(config, "data.name")
   tasks = resolve_tasks(_get(config, "eval.tasks"), data_name)
@@ -815,20 +815,6 @@ def _stream(data: builders.DataSettings, split: str, batch_size: int, *, seed: i
                       **kwargs)
 
 
-def _abstract_state(experiment: builders.Experiment, element_shape: tuple[int, ...], mesh):
-  """The shapes of the run's TrainState, replicated over `mesh`: the target checkpoints restore into."""
-
-  def init_state():
-    x = jnp.zeros((1, *element_shape), jnp.float32)
-    params = experiment.model.init({"params": jax.random.key(0)}, x, jnp.zeros((1,), jnp.float32),
-                                   train=False)["params"]
-    return TrainState.create(params, experiment.optimizer, jax.random.key(0))
-
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                      jax.eval_shape(init_state))
-
-
 def _workdir_config_differences(workdir: str, config) -> dict[str, tuple]:
   """Fields of the model-defining sections that differ between `workdir/config.json` and `config`."""
   path = os.path.join(workdir, CONFIG_FILE)
@@ -898,7 +884,7 @@ def evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
   element_shape, scaler = tuple(train_stream.element_shape), train_stream.scaler
   train_stream.close()
   mesh = sharding.make_mesh()
-  abstract_state = _abstract_state(experiment, element_shape, mesh)
+  abstract_state = experiment.abstract_train_state(element_shape, mesh)
   runners = _TaskRunners(experiment, settings, element_shape, scaler, cache_dir, mesh)
   results = []
   try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -22,7 +23,8 @@ from scoreflow.parameterization import (AbstractParameterization, DataParameteri
                                         EpsilonParameterization, NoiseConditioning, ScoreParameterization,
                                         VParameterization, make_score_fn)
 from scoreflow.sde import VESDE, VPSDE, CosineVPSDE, DDPMChain, SMLDChain, SubVPSDE
-from scoreflow.train.state import learning_rate_schedule, make_optimizer
+from scoreflow.train import sharding
+from scoreflow.train.state import TrainState, learning_rate_schedule, make_optimizer
 from scoreflow.train.step import NONFINITE_POLICIES, make_network
 
 # --- Tables: config strings -> objects. ----------------------------------------------------------------------
@@ -169,12 +171,32 @@ class Experiment:
 
     return sample
 
+  def init_train_state(self, element_shape: tuple[int, ...], key) -> TrainState:
+    """A fresh TrainState: parameters from `model.init` on a zero batch of one `element_shape` example, the
+    optimizer's state and the state's RNG, from the two halves of `key`."""
+    init_key, state_key = jax.random.split(key)
+    x = jnp.zeros((1, *element_shape), jnp.float32)
+    params = self.model.init({"params": init_key}, x, jnp.zeros((1,), jnp.float32), train=False)["params"]
+    return TrainState.create(params, self.optimizer, state_key)
+
+  def abstract_train_state(self, element_shape: tuple[int, ...], mesh) -> TrainState:
+    """The shapes and dtypes of :meth:`init_train_state`, replicated over `mesh` (nothing is computed): the
+    target that checkpoints restore into."""
+    replicated = sharding.replicated(mesh)
+    shapes = jax.eval_shape(lambda: self.init_train_state(element_shape, jax.random.key(0)))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
 
 class ConfigError(ValueError):
   """A config field with a bad value; the message names the field."""
 
 
-def _get(config, path: str):
+def config_field(config, path: str):
+  """The value at dotted `path` of `config` (a ConfigDict or nested dicts); ConfigError naming it if missing.
+
+  With :func:`config_choice`, :func:`config_int` and :func:`config_float`, the checks every section built from a
+  config uses (training here, evaluation in :mod:`scoreflow.evaluate.run`): errors name `config.<path>`.
+  """
   node = config
   for part in path.split("."):
     try:
@@ -185,22 +207,25 @@ def _get(config, path: str):
   return node
 
 
-def _choice(config, path: str, table) -> str:
-  value = _get(config, path)
+def config_choice(config, path: str, table) -> str:
+  """The value at `path`, which must be a key of `table`."""
+  value = config_field(config, path)
   if value not in table:
     raise ConfigError(f"config.{path} must be one of {sorted(table)}, got {value!r}.")
   return value
 
 
-def _int(config, path: str, minimum: int, hint: str = "") -> int:
-  value = _get(config, path)
+def config_int(config, path: str, minimum: int, hint: str = "") -> int:
+  """The integer (not bool) at `path`, at least `minimum`; `hint` is added to the error message."""
+  value = config_field(config, path)
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise ConfigError(f"config.{path} must be an integer >= {minimum}, got {value!r}.{' ' + hint if hint else ''}")
   return value
 
 
-def _float(config, path: str, low=None, high=None, *, low_open=False, high_open=False) -> float:
-  value = _get(config, path)
+def config_float(config, path: str, low=None, high=None, *, low_open=False, high_open=False) -> float:
+  """The number at `path` as a float, inside the interval given by `low`/`high` (open or closed ends)."""
+  value = config_field(config, path)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise ConfigError(f"config.{path} must be a number, got {value!r}.")
   value = float(value)
@@ -224,9 +249,9 @@ def _built(what: str, build: Callable):
 
 def build_process(config):
   """The forward process of `config.sde` through :data:`SDES`."""
-  name = _choice(config, "sde.name", SDES)
+  name = config_choice(config, "sde.name", SDES)
   cls, fields = SDES[name]
-  kwargs = {argument: _get(config, f"sde.{field}") for field, argument in fields.items()}
+  kwargs = {argument: config_field(config, f"sde.{field}") for field, argument in fields.items()}
   return _built(f"config.sde ({cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}))",
                 lambda: cls(**kwargs))
 
@@ -241,46 +266,46 @@ def build_sampling_sde(config, process):
 
 
 def build_training(config) -> TrainingSettings:
-  steps_per_call = _int(config, "training.steps_per_call", 1)
+  steps_per_call = config_int(config, "training.steps_per_call", 1)
   settings = {"steps_per_call": steps_per_call}
-  settings["batch_size"] = _int(config, "training.batch_size", 1)
-  settings["num_train_steps"] = _int(config, "training.num_train_steps", 1)
+  settings["batch_size"] = config_int(config, "training.batch_size", 1)
+  settings["num_train_steps"] = config_int(config, "training.num_train_steps", 1)
   for name in ("log_every", "checkpoint_every", "snapshot_every", "sample_every"):
-    settings[name] = _int(config, f"training.{name}", 0)
+    settings[name] = config_int(config, f"training.{name}", 0)
   for name in ("num_train_steps", "log_every", "checkpoint_every", "snapshot_every", "sample_every"):
     if settings[name] % steps_per_call:
       raise ConfigError(f"config.training.{name}={settings[name]} must be a multiple of "
                         f"config.training.steps_per_call={steps_per_call} (steps run {steps_per_call} per call).")
   if settings["log_every"] == 0:
     raise ConfigError("config.training.log_every must be >= 1, got 0.")
-  settings["keep_checkpoints"] = _int(config, "training.keep_checkpoints", 1)
-  settings["ema_rate"] = _float(config, "training.ema_rate", 0.0, 1.0, high_open=True)
-  settings["ema_warmup"] = bool(_get(config, "training.ema_warmup"))
-  settings["nonfinite"] = _choice(config, "training.nonfinite", NONFINITE_POLICIES)
-  settings["compute_dtype"] = COMPUTE_DTYPES[_choice(config, "training.compute_dtype", COMPUTE_DTYPES)]
-  settings["async_checkpointing"] = bool(_get(config, "training.async_checkpointing"))
-  settings["progress_bar"] = bool(_get(config, "training.progress_bar"))
+  settings["keep_checkpoints"] = config_int(config, "training.keep_checkpoints", 1)
+  settings["ema_rate"] = config_float(config, "training.ema_rate", 0.0, 1.0, high_open=True)
+  settings["ema_warmup"] = bool(config_field(config, "training.ema_warmup"))
+  settings["nonfinite"] = config_choice(config, "training.nonfinite", NONFINITE_POLICIES)
+  settings["compute_dtype"] = COMPUTE_DTYPES[config_choice(config, "training.compute_dtype", COMPUTE_DTYPES)]
+  settings["async_checkpointing"] = bool(config_field(config, "training.async_checkpointing"))
+  settings["progress_bar"] = bool(config_field(config, "training.progress_bar"))
   return TrainingSettings(**settings)
 
 
 def build_data(config) -> DataSettings:
-  name = _get(config, "data.name")
+  name = config_field(config, "data.name")
   if not isinstance(name, str) or not name:
     raise ConfigError(f"config.data.name must name a dataset (a toy density, 'digits', or a tfds name), "
                       f"got {name!r}.")
-  split = _get(config, "data.split")
-  image_size = _int(config, "data.image_size", 0, "(0 keeps the dataset's size)")
-  scaler = _choice(config, "data.scaler", ("centred", "centered", "unit_interval"))
-  return DataSettings(name=name, split=split, data_dir=_get(config, "data.data_dir") or None,
-                      image_size=image_size or None, random_flip=bool(_get(config, "data.random_flip")),
-                      dequantize=bool(_get(config, "data.dequantize")), scaler=scaler,
-                      read_threads=_int(config, "data.read_threads", 0),
-                      prefetch_batches=_int(config, "data.prefetch_batches", 0))
+  split = config_field(config, "data.split")
+  image_size = config_int(config, "data.image_size", 0, "(0 keeps the dataset's size)")
+  scaler = config_choice(config, "data.scaler", ("centred", "centered", "unit_interval"))
+  return DataSettings(name=name, split=split, data_dir=config_field(config, "data.data_dir") or None,
+                      image_size=image_size or None, random_flip=bool(config_field(config, "data.random_flip")),
+                      dequantize=bool(config_field(config, "data.dequantize")), scaler=scaler,
+                      read_threads=config_int(config, "data.read_threads", 0),
+                      prefetch_batches=config_int(config, "data.prefetch_batches", 0))
 
 
 def build_model_from_config(config, compute_dtype):
   """The network of `config.model` (a preset name plus overrides), in `compute_dtype` when it takes a dtype."""
-  spec = dict(_get(config, "model"))
+  spec = dict(config_field(config, "model"))
   preset = spec.get("preset")
   if preset is not None and preset not in PRESETS:
     raise ConfigError(f"config.model.preset must be one of {sorted(PRESETS)} (or None with config.model."
@@ -296,10 +321,10 @@ def build_model_from_config(config, compute_dtype):
 def build_parameterization(config, model, process) -> AbstractParameterization:
   """`config.parameterization.name` through :data:`PARAMETERIZATIONS`, with the noise conditioning the model
   was built for (`model.noise_conditioning`)."""
-  name = _choice(config, "parameterization.name", PARAMETERIZATIONS)
+  name = config_choice(config, "parameterization.name", PARAMETERIZATIONS)
   if name == "edm":
     return _built("config.parameterization",
-                  lambda: EDMPreconditioning(sigma_data=_float(config, "parameterization.sigma_data", 0.0,
+                  lambda: EDMPreconditioning(sigma_data=config_float(config, "parameterization.sigma_data", 0.0,
                                                                low_open=True)))
   if isinstance(process, DDPMChain) and name != "eps":
     raise ConfigError(f"config.parameterization.name must be 'eps' for the DDPM chain (its loss trains a noise "
@@ -308,15 +333,15 @@ def build_parameterization(config, model, process) -> AbstractParameterization:
     raise ConfigError(f"config.parameterization.name must be 'score' for the SMLD chain (its loss trains a score "
                       f"network), got {name!r}.")
   kind = getattr(model, "noise_conditioning", "time")
-  num_steps = _get(config, "sde.num_scales")
-  scale = _float(config, "parameterization.time_scale", 0.0, low_open=True)
+  num_steps = config_field(config, "sde.num_scales")
+  scale = config_float(config, "parameterization.time_scale", 0.0, low_open=True)
   conditioning = _built("config.parameterization",
                         lambda: NoiseConditioning(kind, scale=scale, num_steps=num_steps))
   return PARAMETERIZATIONS[name](conditioning=conditioning)
 
 
 def build_loss(config, sde_name: str, process):
-  name = _choice(config, "loss.name", LOSS_FIELDS)
+  name = config_choice(config, "loss.name", LOSS_FIELDS)
   if name in ("dsm", "edm") and sde_name in CHAINS:
     raise ConfigError(f"config.loss.name={name!r} is a continuous-time loss but config.sde.name={sde_name!r} is a "
                       f"discrete chain; use config.loss.name={sde_name!r}, or a continuous SDE (vp, subvp, ve, "
@@ -324,7 +349,7 @@ def build_loss(config, sde_name: str, process):
   if name in CHAINS and sde_name != name:
     raise ConfigError(f"config.loss.name={name!r} trains the {name.upper()} chain and needs config.sde.name="
                       f"{name!r}, got {sde_name!r}.")
-  kwargs = {field: _get(config, f"loss.{field}") for field in LOSS_FIELDS[name]}
+  kwargs = {field: config_field(config, f"loss.{field}") for field in LOSS_FIELDS[name]}
   if name == "dsm":
     if kwargs["weighting"] not in ("sigma2", "likelihood"):
       raise ConfigError(f"config.loss.weighting must be 'sigma2' or 'likelihood', got {kwargs['weighting']!r}.")
@@ -340,16 +365,16 @@ def build_loss(config, sde_name: str, process):
 
 
 def build_optimizer(config, num_train_steps: int):
-  optimizer = _choice(config, "optim.optimizer", ("adam", "adamw"))
-  kwargs = dict(learning_rate=_float(config, "optim.learning_rate", 0.0, low_open=True),
-                b1=_float(config, "optim.b1", 0.0, 1.0, high_open=True),
-                b2=_float(config, "optim.b2", 0.0, 1.0, high_open=True),
-                eps=_float(config, "optim.eps", 0.0),
-                weight_decay=_float(config, "optim.weight_decay", 0.0),
-                grad_clip=_float(config, "optim.grad_clip", 0.0) or None,
-                warmup_steps=_int(config, "optim.warmup_steps", 0),
-                schedule=_choice(config, "optim.schedule", ("constant", "cosine", "linear")),
-                final_lr_ratio=_float(config, "optim.final_lr_ratio", 0.0, 1.0))
+  optimizer = config_choice(config, "optim.optimizer", ("adam", "adamw"))
+  kwargs = dict(learning_rate=config_float(config, "optim.learning_rate", 0.0, low_open=True),
+                b1=config_float(config, "optim.b1", 0.0, 1.0, high_open=True),
+                b2=config_float(config, "optim.b2", 0.0, 1.0, high_open=True),
+                eps=config_float(config, "optim.eps", 0.0),
+                weight_decay=config_float(config, "optim.weight_decay", 0.0),
+                grad_clip=config_float(config, "optim.grad_clip", 0.0) or None,
+                warmup_steps=config_int(config, "optim.warmup_steps", 0),
+                schedule=config_choice(config, "optim.schedule", ("constant", "cosine", "linear")),
+                final_lr_ratio=config_float(config, "optim.final_lr_ratio", 0.0, 1.0))
   if optimizer == "adam" and kwargs["weight_decay"]:
     raise ConfigError(f"config.optim.weight_decay={kwargs['weight_decay']} needs config.optim.optimizer='adamw' "
                       "(Adam has no decoupled weight decay).")
@@ -363,9 +388,9 @@ def build_optimizer(config, num_train_steps: int):
 
 
 def build_sampler(config, sampling_sde) -> SamplerSettings:
-  method = _choice(config, "sampling.method", SAMPLERS)
+  method = config_choice(config, "sampling.method", SAMPLERS)
   fields = SAMPLERS[method][1]
-  kwargs = {argument: _get(config, f"sampling.{field}") for field, argument in fields.items()}
+  kwargs = {argument: config_field(config, f"sampling.{field}") for field, argument in fields.items()}
   if method == "pc":
     if kwargs["predictor"] not in sampling.PREDICTORS:
       raise ConfigError(f"config.sampling.predictor must be one of {sorted(sampling.PREDICTORS)}, got "
@@ -377,8 +402,8 @@ def build_sampler(config, sampling_sde) -> SamplerSettings:
     raise ConfigError(f"config.sampling.num_steps must be an integer >= 1, got {kwargs['num_steps']!r}.")
   if "eps" in kwargs and not 0 < kwargs["eps"] < sampling_sde.T:
     raise ConfigError(f"config.sampling.eps must lie in (0, T={sampling_sde.T}), got {kwargs['eps']!r}.")
-  return SamplerSettings(method=method, kwargs=kwargs, num_samples=_int(config, "sampling.num_samples", 1),
-                         use_ema=bool(_get(config, "sampling.use_ema")))
+  return SamplerSettings(method=method, kwargs=kwargs, num_samples=config_int(config, "sampling.num_samples", 1),
+                         use_ema=bool(config_field(config, "sampling.use_ema")))
 
 
 def build_experiment(config) -> Experiment:
@@ -387,11 +412,11 @@ def build_experiment(config) -> Experiment:
   Raises:
     ConfigError (a ValueError): naming the first bad field, what it holds and what would fix it.
   """
-  seed = _int(config, "seed", 0)
+  seed = config_int(config, "seed", 0)
   training = build_training(config)
   data = build_data(config)
   process = build_process(config)
-  sde_name = _get(config, "sde.name")
+  sde_name = config_field(config, "sde.name")
   sampling_sde = build_sampling_sde(config, process)
   model, compute_dtype = build_model_from_config(config, training.compute_dtype)
   parameterization = build_parameterization(config, model, process)

@@ -26,13 +26,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from scoreflow.data import make_dataset
 from scoreflow.train import builders, sharding, visualize
 from scoreflow.train.checkpoint import Checkpointer, check_workdir_config
-from scoreflow.train.state import TrainState
 from scoreflow.train.step import make_objective, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -162,20 +160,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
                          **data.dataset_kwargs())
   element_shape = tuple(dataset.element_shape)
   model, optimizer = experiment.model, experiment.optimizer
-  init_key, state_key = jax.random.split(jax.random.key(experiment.seed))
-
-  def init_state():
-    x = jnp.zeros((1, *element_shape), jnp.float32)
-    params = model.init({"params": init_key}, x, jnp.zeros((1,), jnp.float32), train=False)["params"]
-    return TrainState.create(params, optimizer, state_key)
-
   replicated = sharding.replicated(mesh)
-  abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                                jax.eval_shape(init_state))
+  abstract_state = experiment.abstract_train_state(element_shape, mesh)
   checkpointer = Checkpointer(workdir, keep=settings.keep_checkpoints, async_save=settings.async_checkpointing)
   restored = checkpointer.restore(abstract_state)
   if restored is None:
-    state = jax.jit(init_state, out_shardings=replicated)()
+    state = jax.jit(lambda: experiment.init_train_state(element_shape, jax.random.key(experiment.seed)),
+                    out_shardings=replicated)()
     start_step = 0
   else:
     state, meta, start_step = restored
