@@ -227,10 +227,8 @@ def build_eval_settings(config) -> EvalSettings:
       FID without an Inception weights file, with how to obtain one.
   """
   # The checked getters of the training config's boundary, so that messages read the same.
-  # pylint: disable=protected-access
   _get, _int, _float, _choice = (builders.config_field, builders.config_int, builders.config_float,
                                  builders.config_choice)
-  # pylint: enable=protected-access
   data_name = _get(config, "data.name")
   tasks = resolve_tasks(_get(config, "eval.tasks"), data_name)
   checkpoints = str(_get(config, "eval.checkpoints"))

@@ -305,11 +305,7 @@ def _correlate_1d(x, taps: np.ndarray, *, axis: int, stride: int):
   """`y[m] = sum_i taps[i] x[m * stride + i]` along `axis` (valid part), as strided shifted slices."""
   size = (x.shape[axis] - len(taps)) // stride + 1
   terms = [float(tap) * jax.lax.slice_in_dim(x, i, i + (size - 1) * stride + 1, stride=stride, axis=axis)
-           for i, tap in enumerate(taps) if tap != 0.0]
-  if not terms:
-    shape = list(x.shape)
-    shape[axis] = size
-    return jnp.zeros(shape, x.dtype)
+           for i, tap in enumerate(taps) if tap != 0.0]  # Rank-one factors always hold a nonzero tap.
   return sum(terms[1:], terms[0])
 
 

@@ -325,7 +325,7 @@ def build_parameterization(config, model, process) -> AbstractParameterization:
   if name == "edm":
     return _built("config.parameterization",
                   lambda: EDMPreconditioning(sigma_data=config_float(config, "parameterization.sigma_data", 0.0,
-                                                               low_open=True)))
+                                                                     low_open=True)))
   if isinstance(process, DDPMChain) and name != "eps":
     raise ConfigError(f"config.parameterization.name must be 'eps' for the DDPM chain (its loss trains a noise "
                       f"predictor), got {name!r}.")
