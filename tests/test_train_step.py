@@ -80,8 +80,8 @@ def test_nonfinite_steps_are_not_applied(getkey, policy):
   if policy == "skip":
     assert int(metrics["nonfinite"]) == 0 and int(state.step) == 3
     assert not np.array_equal(state.params["Dense_0"]["kernel"], before.params["Dense_0"]["kernel"])
-  else:
-    assert int(state.step) == 1 and int(state.nonfinite_steps) == 2
+  else:  # Frozen: later calls change nothing, the count included.
+    assert int(state.step) == 1 and int(state.nonfinite_steps) == 1 and int(metrics["nonfinite"]) == 1
     np.testing.assert_array_equal(state.params["Dense_0"]["kernel"], before.params["Dense_0"]["kernel"])
   for leaf in jax.tree.leaves(state):
     assert np.all(np.isfinite(leaf))
@@ -98,6 +98,41 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped(getkey):
   state, metrics = jax.jit(train_step)(state, {"x": jnp.zeros((2, 1), jnp.float32)})
   assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_steps) == 1
   np.testing.assert_array_equal(state.params["w"], 0.0)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_overflowing_update_is_skipped(grad_clip):
+  # Every gradient entry (1e20) is finite in float32, but its square is not: the global norm overflows (clipping
+  # would scale the update to zero) and Adam's second moment would become infinite.
+  def objective(params, key, x0):
+    return jnp.sum(params["w"]) * 1e20, None
+
+  optimizer = state_lib.make_optimizer(1e-2, grad_clip=grad_clip)
+  state = state_lib.TrainState.create({"w": jnp.zeros(2, jnp.float32)}, optimizer, jax.random.key(0))
+  before = jax.tree.map(np.asarray, state)
+  state, metrics = jax.jit(step_lib.make_train_step(objective, optimizer))(state, {"x": jnp.zeros((2, 1))})
+  assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_steps) == 1 and int(state.step) == 1
+  for got, want in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((before.params,
+                                                                                          before.opt_state))):
+    np.testing.assert_array_equal(got, want)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
+
+
+def test_halt_counts_only_new_nonfinite_steps(getkey):
+  # A run that skipped a step under "skip" and continues under "halt" halts at its next non-finite step only.
+  state, skip_step, optimizer, objective = tiny_setup(nonfinite="skip")
+  bad = _batch(getkey())
+  bad["x"] = bad["x"].at[0, 0].set(jnp.inf)
+  state, _ = jax.jit(skip_step)(state, bad)
+  assert int(state.nonfinite_steps) == 1
+  halt_step = jax.jit(step_lib.make_train_step(objective, optimizer, ema_rate=0.9, nonfinite="halt",
+                                               skipped_before=1))
+  state, metrics = halt_step(state, _batch(getkey()))
+  assert int(metrics["nonfinite"]) == 0 and int(state.step) == 2
+  state, metrics = halt_step(state, bad)
+  assert int(metrics["nonfinite"]) == 1 and int(state.step) == 2 and int(state.nonfinite_steps) == 2
+  state, metrics = halt_step(state, _batch(getkey()))
+  assert int(state.step) == 2 and int(state.nonfinite_steps) == 2
 
 
 def test_no_recompilation_and_donation(getkey):
@@ -165,6 +200,8 @@ def test_train_step_errors():
     step_lib.make_train_step(objective, tx, steps_per_call=0)
   with pytest.raises(ValueError, match=r"ema_rate must lie in \[0, 1\)"):
     step_lib.make_train_step(objective, tx, ema_rate=1.0)
+  with pytest.raises(ValueError, match="skipped_before must be an int >= 0"):
+    step_lib.make_train_step(objective, tx, nonfinite="halt", skipped_before=-1)
   state, train_step, _, _ = tiny_setup(steps_per_call=2)
   with pytest.raises(ValueError, match=r"batch\['x'\] must have shape \[2, B, \*D\]"):
     train_step(state, {"x": jnp.zeros((3, 8, 2), jnp.float32)})

@@ -5,10 +5,11 @@ r"""One pure training step: loss, gradients, optimizer update, EMA, and a guard 
 optax optimizer into `train_step(state, batch) -> (state, metrics)`, a pure function that
 :func:`scoreflow.train.sharding.jit_train_step` compiles over a device mesh with the state donated.
 
-A step whose loss or gradient is not finite is never applied: with `nonfinite="skip"` the parameters, EMA and
-optimizer state stay as they were, the step counter advances (the next step sees fresh data and randomness)
-and `state.nonfinite_steps` counts it; with `nonfinite="halt"` the state freezes at the failing step and the
-training loop raises. Either way no NaN reaches the parameters or a checkpoint.
+A step whose loss, gradient norm or resulting parameters and optimizer state are not finite is never applied:
+with `nonfinite="skip"` the parameters, EMA and optimizer state stay as they were, the step counter advances (the
+next step sees fresh data and randomness) and `state.nonfinite_steps` counts it; with `nonfinite="halt"` the
+state freezes at the failing step and the training loop raises. Either way no NaN or infinity reaches the
+parameters, the optimizer's moments or a checkpoint.
 """
 
 from __future__ import annotations
@@ -126,15 +127,18 @@ def _all_finite(tree):
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *, ema_rate: float = 0.9999,
                     ema_warmup: bool = False, nonfinite: NonFinitePolicy = "skip", steps_per_call: int = 1,
-                    learning_rate_fn: Callable | None = None):
+                    learning_rate_fn: Callable | None = None, skipped_before: int = 0):
   r"""`train_step(state, batch) -> (state, metrics)`: `steps_per_call` optimizer steps in one pure function.
 
   Each step:
 
   1. draws its key as `fold_in(state.key, state.step)` and evaluates `objective(params, key, batch["x"])` and
      its gradient;
-  2. if the loss and every gradient entry are finite, applies the optax update and the EMA
-     :math:`\bar\theta \leftarrow \beta_n\bar\theta + (1-\beta_n)\theta` (see :func:`~scoreflow.train.state.ema_decay`);
+  2. computes the optax update and the updated parameters and optimizer state; if the loss, the gradient's
+     global norm (non-finite if any entry is, or if the norm overflows) and every updated parameter and
+     optimizer-state entry are finite, keeps them and updates the EMA
+     :math:`\bar\theta \leftarrow \beta_n\bar\theta + (1-\beta_n)\theta` (see
+     :func:`~scoreflow.train.state.ema_decay`);
   3. otherwise leaves parameters, EMA and optimizer state unchanged and counts the step in
      `state.nonfinite_steps` (`nonfinite="skip"`: the step counter advances; `"halt"`: the whole state freezes
      at the failing step, so `state.step` tells where it happened, and every later call is a no-op).
@@ -150,14 +154,16 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     steps_per_call: `K >= 1` steps per call.
     learning_rate_fn: if given, `metrics["learning_rate"]` reports the rate of the last applied update
       (the schedule evaluated at the optimizer's update count, which skipped steps do not advance).
+    skipped_before: `"halt"` only: the non-finite steps the state already counts (skipped while the run used
+      `"skip"`); the state halts when `state.nonfinite_steps` exceeds it.
 
   Returns:
     `train_step(state, batch)` where `batch["x"]` is `[B, *D]` (`K = 1`) or `[K, B, *D]`; other batch
     entries are ignored. `metrics` is a dict of scalars: `loss` and `grad_norm` (means over the applied steps;
-    NaN if none was), `nonfinite` (steps skipped in this call) and, when asked, `learning_rate`.
+    NaN if none was), `nonfinite` (steps not applied in this call) and, when asked, `learning_rate`.
 
   Raises:
-    ValueError: bad `nonfinite`, `steps_per_call` or `ema_rate`.
+    ValueError: bad `nonfinite`, `steps_per_call`, `ema_rate` or `skipped_before`.
   """
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}.")
@@ -165,27 +171,33 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}.")
   if not 0 <= ema_rate < 1:
     raise ValueError(f"ema_rate must lie in [0, 1), got {ema_rate!r}.")
+  if not isinstance(skipped_before, int) or skipped_before < 0:
+    raise ValueError(f"skipped_before must be an int >= 0, got {skipped_before!r}.")
 
   def one_step(state: TrainState, x0):
     (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(state.params, state.step_key(), x0)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
-    if nonfinite == "halt":
-      finite = finite & (state.nonfinite_steps == 0)
+    grad_norm = global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A finite gradient can still overflow its norm (clipping then silently zeroes the update) or Adam's second
+    # moment; checking the results keeps every non-finite value out of the state that checkpoints save.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
+    halted = state.nonfinite_steps > skipped_before if nonfinite == "halt" else jnp.asarray(False)
+    finite = finite & ~halted
 
     def apply(state):
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
       ema = update_ema(state.ema_params, params, ema_decay(state.step, ema_rate, ema_warmup))
       return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
 
     def skip(state):
-      step = state.step + 1 if nonfinite == "skip" else state.step
-      return state.replace(step=step, nonfinite_steps=state.nonfinite_steps + 1)
+      if nonfinite == "skip":
+        return state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + 1)
+      return state.replace(nonfinite_steps=jnp.where(halted, state.nonfinite_steps, state.nonfinite_steps + 1))
 
     state = jax.lax.cond(finite, apply, skip, state)
     zero = jnp.zeros((), jnp.float32)
     metrics = {"loss": jnp.where(finite, loss.astype(jnp.float32), zero),
-               "grad_norm": jnp.where(finite, global_norm(grads).astype(jnp.float32), zero),
+               "grad_norm": jnp.where(finite, grad_norm.astype(jnp.float32), zero),
                "applied": finite.astype(jnp.float32)}
     return state, metrics
 
@@ -204,7 +216,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     out["nonfinite"] = (steps_per_call - applied).astype(jnp.int32)
     if learning_rate_fn is not None:
       # The rate of the last applied update: the optimizer counts applied updates only.
-      num_applied = state.step - state.nonfinite_steps if nonfinite == "skip" else state.step
+      num_applied = state.step - (state.nonfinite_steps if nonfinite == "skip" else skipped_before)
       out["learning_rate"] = jnp.asarray(learning_rate_fn(jnp.maximum(num_applied - 1, 0)), jnp.float32)
     return state, out
 
