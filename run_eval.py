@@ -44,10 +44,11 @@ def main(argv):
 
   builders.build_experiment(_CONFIG.value)
   run.build_eval_settings(_CONFIG.value)
+  workdir = checkpoint.local_workdir(_WORKDIR.value)
   if _MODE.value == "reference":
-    run.compute_reference_statistics(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value))
+    run.compute_reference_statistics(_CONFIG.value, workdir)
   else:
-    run.evaluate(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value))
+    run.evaluate(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ Examples:
 
   python run_train.py --config configs/digits_vp.py --workdir /tmp/digits_vp
   python run_train.py --config configs/toy_2d.py --workdir /tmp/toy --config.training.num_train_steps=500
-  python run_train.py --config configs/cifar10_ddpmpp_continuous.py --workdir gs://... \
+  python run_train.py --config configs/cifar10_ddpmpp_continuous.py --workdir /gcs/bucket/cifar10_ddpmpp \
       --config.data.data_dir=/data/tensorflow_datasets
 
-Rerunning the same command resumes from the newest checkpoint in --workdir. Several processes (hosts) join one
+Rerunning the same command resumes from the newest checkpoint in --workdir (a local directory or a mounted
+bucket). Several processes (hosts) join one
 run with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the SCOREFLOW_COORDINATOR_ADDRESS,
 SCOREFLOW_NUM_PROCESSES and SCOREFLOW_PROCESS_ID environment variables); each reads its own share of the data.
 Every config field is listed, with its meaning, in configs/default.py.
@@ -36,14 +37,14 @@ flags.adopt_module_key_flags(cli)  # --help lists --compilation_cache_dir too.
 def main(argv):
   cli.start(argv)
   # Check the configuration before JAX starts any work: errors name the field.
-  from scoreflow.train import builders, sharding
+  from scoreflow.train import builders, checkpoint, sharding
 
   builders.build_experiment(_CONFIG.value)
+  workdir = checkpoint.local_workdir(_WORKDIR.value)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from scoreflow.train import checkpoint, loop
+  from scoreflow.train import loop
 
-  loop.train_and_evaluate(_CONFIG.value, checkpoint.absolute_workdir(_WORKDIR.value),
-                         allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  loop.train_and_evaluate(_CONFIG.value, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

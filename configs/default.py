@@ -21,13 +21,14 @@ Sections (each is read in one place, `scoreflow.train.builders`):
     smld (NCSN's loss on the SMLD ladder).
   optim: Adam/AdamW, peak `learning_rate`, linear warm-up over `warmup_steps`, global-norm `grad_clip`
     (0 disables), `schedule` constant/cosine/linear decaying to `final_lr_ratio` at the end.
-  training: global `batch_size` (over all devices and hosts), `num_train_steps`, `steps_per_call` (steps fused
-    into one compiled call with lax.scan; every interval must be a multiple of it; keep 1 on CPU, where XLA runs
-    convolutions inside a loop body far slower: 15x for the digits U-Net in bench/bench_train.py), EMA `ema_rate` and
-    `ema_warmup`, `nonfinite` ("skip" a step with a non-finite loss or gradient, or "halt"), `compute_dtype`
-    (float32, or bfloat16 for mixed precision on accelerators), intervals `log_every`, `checkpoint_every`
-    (periodic checkpoints, `keep_checkpoints` kept), `snapshot_every` (preemption snapshot), `sample_every`
-    (sample grids; 0 = only at the end).
+  training: global `batch_size` (over all devices and hosts), `num_train_steps` (a resumed run may raise it unless
+    `optim.schedule` decays over it), `steps_per_call` (steps fused into one compiled call with lax.scan; every
+    interval must be a multiple of it; keep 1 on CPU, where XLA runs convolutions inside a loop body far slower: 15x
+    for the digits U-Net in bench/bench_train.py), EMA `ema_rate` and `ema_warmup`, `nonfinite` ("skip" a step with a
+    non-finite loss, gradient or update, or "halt"), `compute_dtype` (float32, or bfloat16 for mixed precision on
+    accelerators; no float16, which would need loss scaling), intervals `log_every`, `checkpoint_every` (periodic
+    checkpoints, `keep_checkpoints` kept), `snapshot_every` (preemption snapshot), `sample_every` (sample grids; 0 =
+    only at the end).
   sampling: in-training samples: `method` pc (`predictor`, `corrector`, `num_steps`, `snr`,
     `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`), ddim (`num_steps`, `eta`), edm (Karras et al.'s Heun
     sampler: `num_steps`, `rho`, churn `s_churn`, `s_min`, `s_max`, `s_noise`) or dpm_solver (DPM-Solver++:

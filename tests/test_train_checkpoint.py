@@ -133,6 +133,13 @@ def test_workdir_config_guard(tmp_path):
     ckpt_lib.check_workdir_config(tmp_path, wider, allowed_changes=("training.",))
   assert ckpt_lib.check_workdir_config(tmp_path, wider, allow_config_change=True) == {"model.nf": (32, 64)}
   assert json.loads((tmp_path / "config.json").read_text())["model"]["nf"] == 64
+  # A field that cannot change gets its reason in the message.
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"model.nf: 64 in the workdir, 128 now \(it fixes the shapes\)"):
+    ckpt_lib.check_workdir_config(tmp_path, {**wider, "model": {"nf": 128, "ch_mult": (1, 2)}},
+                                  notes={"model.nf": "it fixes the shapes"})
+  # A run that resumes nothing (no checkpoint) replaces the file instead of comparing.
+  assert ckpt_lib.check_workdir_config(tmp_path, config, resuming=False) == {}
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["nf"] == 32
 
 
 def test_relative_workdirs_are_made_absolute(tmp_path, monkeypatch):
@@ -143,3 +150,6 @@ def test_relative_workdirs_are_made_absolute(tmp_path, monkeypatch):
   assert checkpoint.absolute_workdir("runs/x") == str(tmp_path / "runs" / "x")
   assert checkpoint.absolute_workdir("gs://bucket/run") == "gs://bucket/run"
   assert checkpoint.Checkpointer("runs/x", async_save=False).workdir == str(tmp_path / "runs" / "x")
+  assert checkpoint.local_workdir("runs/x") == str(tmp_path / "runs" / "x")
+  with pytest.raises(checkpoint.CheckpointError, match="is a URL"):
+    checkpoint.local_workdir("gs://bucket/run")

@@ -98,6 +98,13 @@ def test_nonfinite_training_never_writes_nan(tmp_path, policy):
   else:
     summary = loop.train_and_evaluate(config, tmp_path)
     assert summary["nonfinite_steps"] == 19
+    # metrics.jsonl stays strict JSON: the window whose steps were all skipped has no loss (null, not NaN).
+    def reject(constant):
+      raise ValueError(f"non-standard JSON constant {constant}")
+
+    records = [json.loads(line, parse_constant=reject) for line in (tmp_path / "metrics.jsonl").read_text().split("\n")
+               if line]
+    assert [r["loss"] for r in records if "grad_norm" in r][-1] is None
   for kind, steps in checkpoint.Checkpointer(tmp_path).steps().items():
     for step in steps:
       state, _ = saved_state(tmp_path, step)
@@ -119,6 +126,7 @@ def test_nonfinite_training_never_writes_nan(tmp_path, policy):
     ("sampling.predictor", "heun", r"config.sampling.predictor must be one of"),
     ("model.width", -3, r"config.model: "),
     ("parameterization.name", "noise", r"config.parameterization.name must be one of"),
+    ("training.compute_dtype", "float16", r"config.training.compute_dtype must be one of \['bfloat16', 'float32'\]"),
 ])
 def test_bad_config_names_the_field(path, value, message):
   section, field = path.split(".")
@@ -147,11 +155,53 @@ def test_missing_dataset_fails_fast(tmp_path):
 
 
 def test_workdir_of_another_config_is_not_clobbered(tmp_path):
-  config = tiny_config()
-  checkpoint.check_workdir_config(tmp_path, loop.config_to_dict(config))
+  config = tiny_config(**{"training.num_train_steps": 20})
+  loop.train_and_evaluate(config, tmp_path)
+  saved = (tmp_path / "config.json").read_text()
   config.model.width = 64
   with pytest.raises(checkpoint.CheckpointError, match=r"model.width: 32 in the workdir, 64 now"):
     loop.train_and_evaluate(config, tmp_path)
+  assert (tmp_path / "config.json").read_text() == saved
+  assert checkpoint.Checkpointer(tmp_path).steps()["checkpoints"] == [20]
+
+
+def test_attempt_without_checkpoint_does_not_lock_the_config(tmp_path):
+  # An attempt that failed before its first save (say, out of memory at batch 128) left only config.json: a rerun
+  # with another configuration starts afresh instead of being refused.
+  config = tiny_config(**{"training.num_train_steps": 20})
+  checkpoint.check_workdir_config(tmp_path, loop.config_to_dict(config))
+  config.training.batch_size = 32
+  assert loop.train_and_evaluate(config, tmp_path)["step"] == 20
+  assert json.loads((tmp_path / "config.json").read_text())["training"]["batch_size"] == 32
+
+
+def test_decaying_schedule_refuses_a_new_length_on_resume(tmp_path):
+  config = tiny_config(**{"training.num_train_steps": 20, "optim.schedule": "cosine"})
+  loop.train_and_evaluate(config, tmp_path)
+  config.training.num_train_steps = 40
+  with pytest.raises(checkpoint.CheckpointError, match=r"training.num_train_steps: 20 in the workdir, 40 now "
+                     r"\(config.optim.schedule='cosine' decays the learning rate"):
+    loop.train_and_evaluate(config, tmp_path)
+  config.optim.schedule = "constant"  # With a constant rate (after warm-up) training longer is a resume.
+  assert "training.num_train_steps" in builders.resumable_changes(config)
+
+
+def test_resume_logs_every_step_once(tmp_path):
+  # An attempt that logged steps 30 and 40 but died before they were saved: the rerun from step 20 logs them anew.
+  config = tiny_config(**{"training.snapshot_every": 0})
+  loop.train_and_evaluate(config, tmp_path)
+  import shutil
+
+  shutil.rmtree(tmp_path / "checkpoints" / "40")
+  summary = loop.train_and_evaluate(config, tmp_path)
+  assert summary["start_step"] == 20 and summary["step"] == 40
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == [10, 20, 30, 40]
+
+
+def test_url_workdir_is_refused_before_any_work():
+  with pytest.raises(checkpoint.CheckpointError, match=r"workdir 'gs://bucket/run' is a URL.*mounted bucket"):
+    loop.train_and_evaluate(tiny_config(), "gs://bucket/run")
 
 
 CONFIGS = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "configs"))

@@ -67,13 +67,38 @@ SAMPLERS: dict[str, tuple[Callable, dict[str, str]]] = {
                                                    "dpm_spacing": "spacing", "eps": "eps", "denoise": "denoise"}),
 }
 
-COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float16 is left out on purpose: without loss scaling its gradients underflow (bfloat16 has float32's range).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 # Config fields that may change when a run is resumed (everything else must match the workdir's config).
 RESUMABLE_CHANGES = ("training.num_train_steps", "training.log_every", "training.checkpoint_every",
                      "training.snapshot_every", "training.sample_every", "training.keep_checkpoints",
                      "training.async_checkpointing", "training.progress_bar", "sampling.", "data.data_dir",
                      "data.read_threads", "data.prefetch_batches", "eval.")
+
+
+def _decaying_schedule(config) -> str | None:
+  schedule = config_field(config, "optim.schedule")
+  return None if schedule == "constant" else schedule
+
+
+def resumable_changes(config) -> tuple[str, ...]:
+  """The fields of :data:`RESUMABLE_CHANGES` that `config` lets a resumed run change: all of them, except
+  `training.num_train_steps` when the learning rate decays over it (changing it would move the rate of every
+  remaining step onto another curve)."""
+  if _decaying_schedule(config):
+    return tuple(name for name in RESUMABLE_CHANGES if name != "training.num_train_steps")
+  return RESUMABLE_CHANGES
+
+
+def resume_notes(config) -> dict[str, str]:
+  """Why a field that cannot change on resume cannot, for the error message (fields not obvious from the name)."""
+  schedule = _decaying_schedule(config)
+  if not schedule:
+    return {}
+  return {"training.num_train_steps": f"config.optim.schedule={schedule!r} decays the learning rate over "
+                                      "config.training.num_train_steps, so a new value would change the rate of the "
+                                      "remaining steps"}
 
 
 @dataclasses.dataclass(frozen=True)

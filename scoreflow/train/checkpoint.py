@@ -7,7 +7,7 @@ A run's working directory holds
 * `config.json`: the configuration the run was started with.
 
 Each checkpoint is an `ocp.args.Composite` of `state` (the :class:`~scoreflow.train.state.TrainState`, through
-`StandardSave`) and `meta` (JSON: the data iterators' positions, the configuration, anything small). Saving is
+`StandardSave`) and `meta` (JSON: the data stream's position and the step, anything small). Saving is
 asynchronous; Orbax writes into a temporary directory and renames it when complete, so the latest *complete*
 checkpoint is always the one restored. Restoring goes into an abstract target (`jax.eval_shape` of the state,
 with shardings), which gives back the exact arrays, dtypes and pytree classes that were saved.
@@ -37,6 +37,20 @@ def absolute_workdir(workdir: str | os.PathLike) -> str:
 
 class CheckpointError(ValueError):
   """A checkpoint or working directory that cannot be used as asked (missing, corrupt, mismatched)."""
+
+
+def local_workdir(workdir: str | os.PathLike) -> str:
+  """`workdir` as an absolute local path, for the training loop and evaluation.
+
+  Raises:
+    CheckpointError: for a URL (gs://, s3://, ...): Orbax could write checkpoints there, but logs, samples and
+      `config.json` are written with local file I/O; a mounted bucket works.
+  """
+  workdir = os.fspath(workdir)
+  if "://" in workdir:
+    raise CheckpointError(f"workdir {workdir!r} is a URL, but runs write their logs, samples and config.json with "
+                          "local file I/O; use a local directory or a mounted bucket (e.g. gcsfuse at /gcs/BUCKET).")
+  return os.path.abspath(workdir)
 
 
 def _path_names(path) -> str:
@@ -234,18 +248,23 @@ def config_differences(old: dict, new: dict) -> dict[str, tuple]:
   return diffs
 
 
-def check_workdir_config(workdir: str | os.PathLike, config: dict, *, allowed_changes=(),
-                         allow_config_change: bool = False, write: bool = True) -> dict[str, tuple]:
+def check_workdir_config(workdir: str | os.PathLike, config: dict, *, allowed_changes=(), notes=None,
+                         resuming: bool = True, allow_config_change: bool = False,
+                         write: bool = True) -> dict[str, tuple]:
   """Refuses to continue a run in `workdir` with a configuration different from the one that started it.
 
-  The first run writes `workdir/config.json`; later runs compare against it. Differences in fields listed in
-  `allowed_changes` (e.g. `"training.num_train_steps"`, to train longer) or any difference with
-  `allow_config_change=True` are returned (for the caller to log) and the file is updated.
+  The first run writes `workdir/config.json`; later runs that resume its checkpoints compare against it.
+  Differences in fields listed in `allowed_changes` (e.g. `"training.num_train_steps"`, to train longer) or any
+  difference with `allow_config_change=True` are returned (for the caller to log) and the file is updated. A
+  run that does not resume (the workdir holds no checkpoint, e.g. an earlier attempt failed before saving)
+  replaces the file.
 
   Args:
     workdir: the run's directory.
     config: the configuration as a JSON-compatible nested dict.
     allowed_changes: dotted field names (or prefixes ending in ".") that may change between runs.
+    notes: `{field: why it cannot change}`, added to the error for those fields.
+    resuming: whether the run continues from a checkpoint in `workdir`.
     allow_config_change: accept any difference.
     write: write the file (process 0 only in a multi-process run).
 
@@ -257,8 +276,9 @@ def check_workdir_config(workdir: str | os.PathLike, config: dict, *, allowed_ch
   """
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
   config = json.loads(json.dumps(config))  # Tuples become lists, as they are on disk.
+  notes = notes or {}
   diffs = {}
-  if os.path.exists(path):
+  if resuming and os.path.exists(path):
     try:
       with open(path) as f:
         old = json.load(f)
@@ -271,13 +291,15 @@ def check_workdir_config(workdir: str | os.PathLike, config: dict, *, allowed_ch
 
     blocking = {name: d for name, d in diffs.items() if not allowed(name)}
     if blocking and not allow_config_change:
-      shown = "\n  ".join(f"{name}: {old!r} in the workdir, {new!r} now" for name, (old, new) in
-                          list(blocking.items())[:12])
+      def describe(name, old, new):
+        return f"{name}: {old!r} in the workdir, {new!r} now" + (f" ({notes[name]})" if name in notes else "")
+
+      shown = "\n  ".join(describe(name, *values) for name, values in list(blocking.items())[:12])
       more = f"\n  ... and {len(blocking) - 12} more" if len(blocking) > 12 else ""
       raise CheckpointError(f"workdir {workdir} holds a run with a different configuration:\n  {shown}{more}\n"
                             "Use a fresh --workdir, or pass --allow_config_change to resume this run with the new "
                             "configuration.")
-  if write and (diffs or not os.path.exists(path)):
+  if write and (diffs or not resuming or not os.path.exists(path)):
     os.makedirs(os.fspath(workdir), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -17,6 +17,7 @@ Workdir layout: `config.json`, `checkpoints/<step>/`, `snapshot/<step>/`, `metri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import numpy as np
 
 from scoreflow.data import make_dataset
 from scoreflow.train import builders, sharding, visualize
-from scoreflow.train.checkpoint import Checkpointer, check_workdir_config
+from scoreflow.train.checkpoint import Checkpointer, check_workdir_config, local_workdir
 from scoreflow.train.step import make_objective, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -44,25 +45,33 @@ def config_to_dict(config) -> dict:
 
 
 class MetricsWriter:
-  """JSON lines and TensorBoard scalars/images on process 0; a no-op elsewhere."""
+  """JSON lines and TensorBoard scalars/images on process 0; a no-op elsewhere.
 
-  def __init__(self, workdir: str, enabled: bool):
+  A run resumed at `start_step` first drops what an interrupted attempt logged after it (records in
+  `metrics.jsonl` with a later step; TensorBoard events through its purge step), so every step is logged once.
+  """
+
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tensorboard = None
-    if enabled:
-      try:
-        from tensorboardX import SummaryWriter
-      except ImportError:  # Optional: logs still go to metrics.jsonl.
-        logger.warning("tensorboardX is not installed; writing metrics.jsonl only (pip install tensorboardX).")
-      else:
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if not enabled:
+      return
+    _truncate_metrics(self.path, start_step)
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:  # Optional: logs still go to metrics.jsonl.
+      logger.warning("tensorboardX is not installed; writing metrics.jsonl only (pip install tensorboardX).")
+    else:
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
       return
+    # Strict JSON: a window whose steps were all skipped has no loss (null, not NaN).
+    record = {name: None if isinstance(v, float) and not np.isfinite(v) else v for name, v in values.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
+      f.write(json.dumps({"step": step, **record}, allow_nan=False) + "\n")
     if self._tensorboard is not None:
       for name, value in values.items():
         self._tensorboard.add_scalar(f"train/{name}", value, step)
@@ -122,117 +131,130 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
 
   Args:
     config: an `ml_collections.ConfigDict` with the fields of `configs/default.py`.
-    workdir: the run's directory (created if needed).
+    workdir: the run's directory (created if needed), a local or mounted path.
     allow_config_change: resume a workdir whose `config.json` differs in fields other than the ones a resumed
-      run may change (:data:`scoreflow.train.builders.RESUMABLE_CHANGES`).
+      run may change (:func:`scoreflow.train.builders.resumable_changes`).
 
   Returns:
     The run's summary (also written to `workdir/summary.json` by process 0).
 
   Raises:
     ValueError: a bad config field (before any data is read or program compiled), a batch size that does not
-      split over the devices, a workdir holding another configuration, or an unusable checkpoint.
+      split over the devices, a URL as workdir, a workdir whose checkpoints were written with another
+      configuration, or an unusable checkpoint.
     FileNotFoundError: a tfds dataset that is not prepared.
     FloatingPointError: with `training.nonfinite="halt"`, when a step has a non-finite loss or gradient (the last
       finite state is in the last checkpoint; nothing non-finite is written).
   """
   experiment = builders.build_experiment(config)
   settings = experiment.training
-  workdir = os.fspath(workdir)
+  workdir = local_workdir(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh()
   sharding.check_batch_size(settings.batch_size, mesh, name="config.training.batch_size")
-  os.makedirs(workdir, exist_ok=True)
-  accepted = check_workdir_config(workdir, config_to_dict(config), allowed_changes=builders.RESUMABLE_CHANGES,
-                                  allow_config_change=allow_config_change, write=is_main)
 
   def say(message: str) -> None:
     if is_main:
       from tqdm import tqdm
       tqdm.write(message)
 
-  for name, (old, new) in accepted.items():
-    say(f"config.{name} changed from {old!r} to {new!r} since this workdir's last run.")
+  with contextlib.ExitStack() as cleanup:
+    data = experiment.data
+    dataset = make_dataset(data.name, data.split, global_batch_size=settings.batch_size, seed=experiment.seed,
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           **data.dataset_kwargs())
+    cleanup.callback(dataset.close)
+    element_shape = tuple(dataset.element_shape)
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(workdir, keep=settings.keep_checkpoints, async_save=settings.async_checkpointing)
+    cleanup.callback(checkpointer.close)  # Waits for asynchronous saves, on errors and preemption too.
+    # config.json only guards a run that has saved state: without a checkpoint there is nothing to protect.
+    accepted = check_workdir_config(workdir, config_to_dict(config),
+                                    allowed_changes=builders.resumable_changes(config),
+                                    notes=builders.resume_notes(config), resuming=checkpointer.latest() is not None,
+                                    allow_config_change=allow_config_change, write=is_main)
+    for name, (old, new) in accepted.items():
+      say(f"config.{name} changed from {old!r} to {new!r} since this workdir's last run.")
 
-  data = experiment.data
-  dataset = make_dataset(data.name, data.split, global_batch_size=settings.batch_size, seed=experiment.seed,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         **data.dataset_kwargs())
-  element_shape = tuple(dataset.element_shape)
-  model, optimizer = experiment.model, experiment.optimizer
-  replicated = sharding.replicated(mesh)
-  abstract_state = experiment.abstract_train_state(element_shape, mesh)
-  checkpointer = Checkpointer(workdir, keep=settings.keep_checkpoints, async_save=settings.async_checkpointing)
-  restored = checkpointer.restore(abstract_state)
-  if restored is None:
-    state = jax.jit(lambda: experiment.init_train_state(element_shape, jax.random.key(experiment.seed)),
-                    out_shardings=replicated)()
-    start_step = 0
-  else:
-    state, meta, start_step = restored
-    if "data" in meta:
-      dataset.set_state(meta["data"])
-    say(f"Resumed from step {start_step} ({checkpointer.latest()[0]}) in {workdir}.")
-  num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract_state.params))
+    model, optimizer = experiment.model, experiment.optimizer
+    replicated = sharding.replicated(mesh)
+    abstract_state = experiment.abstract_train_state(element_shape, mesh)
+    restored = checkpointer.restore(abstract_state)
+    if restored is None:
+      state = jax.jit(lambda: experiment.init_train_state(element_shape, jax.random.key(experiment.seed)),
+                      out_shardings=replicated)()
+      start_step = 0
+    else:
+      state, meta, start_step = restored
+      if "data" in meta:
+        dataset.set_state(meta["data"])
+      say(f"Resumed from step {start_step} ({checkpointer.latest()[0]}) in {workdir}.")
+    num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract_state.params))
+    # "halt" stops at a new non-finite step, not at ones an earlier "skip" policy already skipped.
+    skipped_before = int(_local(state.nonfinite_steps))
 
-  steps_per_call = settings.steps_per_call
-  objective = make_objective(model.apply, experiment.process, parameterization=experiment.parameterization,
-                             loss=experiment.loss, compute_dtype=experiment.compute_dtype, **experiment.loss_kwargs)
-  train_step = sharding.jit_train_step(
-      make_train_step(objective, optimizer, ema_rate=settings.ema_rate, ema_warmup=settings.ema_warmup,
-                      nonfinite=settings.nonfinite, steps_per_call=steps_per_call,
-                      learning_rate_fn=experiment.learning_rate_fn),
-      mesh, steps_per_call=steps_per_call)
+    steps_per_call = settings.steps_per_call
+    objective = make_objective(model.apply, experiment.process, parameterization=experiment.parameterization,
+                               loss=experiment.loss, compute_dtype=experiment.compute_dtype,
+                               **experiment.loss_kwargs)
+    train_step = sharding.jit_train_step(
+        make_train_step(objective, optimizer, ema_rate=settings.ema_rate, ema_warmup=settings.ema_warmup,
+                        nonfinite=settings.nonfinite, steps_per_call=steps_per_call,
+                        learning_rate_fn=experiment.learning_rate_fn,
+                        skipped_before=skipped_before if settings.nonfinite == "halt" else 0),
+        mesh, steps_per_call=steps_per_call)
 
-  sample_shape = (experiment.sampler.num_samples, *element_shape)
-  sample = experiment.make_sample_fn()
-  sample_jit = jax.jit(lambda key, params: sample(key, params, sample_shape), out_shardings=replicated)
-  samples_dir = os.path.join(workdir, "samples")
-  writer = MetricsWriter(workdir, is_main)
-  preemption = _Preemption()
-  sample_paths: list[str] = []
+    sample_shape = (experiment.sampler.num_samples, *element_shape)
+    sample = experiment.make_sample_fn()
+    sample_jit = jax.jit(lambda key, params: sample(key, params, sample_shape), out_shardings=replicated)
+    samples_dir = os.path.join(workdir, "samples")
+    writer = MetricsWriter(workdir, is_main, start_step)
+    cleanup.callback(writer.close)
+    preemption = _Preemption()
+    cleanup.callback(preemption.close)
+    sample_paths: list[str] = []
 
-  def check_finite_policy():
-    if settings.nonfinite == "halt" and int(_local(state.nonfinite_steps)) > 0:
-      raise FloatingPointError(
-          f"training halted: step {int(_local(state.step))} had a non-finite loss or gradient "
-          f"(config.training.nonfinite='halt'). Parameters were not updated by it and no checkpoint holds a "
-          f"non-finite value; the last checkpoint is {checkpointer.latest()}. Lower config.optim.learning_rate, keep "
-          f"config.optim.grad_clip on, or set config.training.nonfinite='skip' to skip such steps.")
+    def check_finite_policy():
+      if settings.nonfinite == "halt" and int(_local(state.nonfinite_steps)) > skipped_before:
+        raise FloatingPointError(
+            f"training halted: step {int(_local(state.step))} had a non-finite loss or gradient "
+            f"(config.training.nonfinite='halt'). Parameters were not updated by it and no checkpoint holds a "
+            f"non-finite value; the last checkpoint is {checkpointer.latest()}. Lower config.optim.learning_rate, "
+            f"keep config.optim.grad_clip on, or set config.training.nonfinite='skip' to skip such steps.")
 
-  def save(step: int, *, snapshot: bool = False):
-    check_finite_policy()
-    meta = {"data": dataset.get_state(), "step": step}
-    checkpointer.save(step, state, meta, snapshot=snapshot)
+    def save(step: int, *, snapshot: bool = False):
+      check_finite_policy()
+      meta = {"data": dataset.get_state(), "step": step}
+      checkpointer.save(step, state, meta, snapshot=snapshot)
 
-  def draw_samples(step: int):
-    params = state.ema_params if experiment.sampler.use_ema else state.params
-    key = jax.random.fold_in(jax.random.key(experiment.seed + 1), step)
-    started = time.perf_counter()
-    x, info = sample_jit(key, params)
-    x, info = _local((x, info._asdict()))
-    seconds = time.perf_counter() - started
-    if not is_main:
-      return
-    os.makedirs(samples_dir, exist_ok=True)
-    base = os.path.join(samples_dir, f"step_{step}")
-    np.savez(base + ".npz", samples=x, **info)
-    picture = visualize.sample_picture(x, dataset.scaler)
-    visualize.save_png(picture, base + ".png")
-    writer.image(step, "samples", picture)
-    writer.scalars(step, {"sample_seconds": seconds, "sample_nfe": float(np.mean(info.get("nfe", np.nan)))})
-    sample_paths.append(base + ".png")
+    def draw_samples(step: int):
+      params = state.ema_params if experiment.sampler.use_ema else state.params
+      key = jax.random.fold_in(jax.random.key(experiment.seed + 1), step)
+      started = time.perf_counter()
+      x, info = sample_jit(key, params)
+      x, info = _local((x, info._asdict()))
+      seconds = time.perf_counter() - started
+      if not is_main:
+        return
+      os.makedirs(samples_dir, exist_ok=True)
+      base = os.path.join(samples_dir, f"step_{step}")
+      np.savez(base + ".npz", samples=x, **info)
+      picture = visualize.sample_picture(x, dataset.scaler)
+      visualize.save_png(picture, base + ".png")
+      writer.image(step, "samples", picture)
+      writer.scalars(step, {"sample_seconds": seconds, "sample_nfe": float(np.mean(info.get("nfe", np.nan)))})
+      sample_paths.append(base + ".png")
 
-  from tqdm import tqdm
-  bar = tqdm(total=settings.num_train_steps, initial=start_step, unit="step", dynamic_ncols=True,
-             disable=not (is_main and settings.progress_bar))
-  step = start_step
-  compile_seconds = None
-  window, window_start, window_step = [], time.perf_counter(), step
-  run_start = time.perf_counter()
-  last_record: dict[str, float] = {}
-  preempted = False
-  try:
+    from tqdm import tqdm
+    bar = tqdm(total=settings.num_train_steps, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=not (is_main and settings.progress_bar))
+    cleanup.callback(bar.close)
+    step = start_step
+    compile_seconds = None
+    window, window_start, window_step = [], time.perf_counter(), step
+    run_start = time.perf_counter()
+    last_record: dict[str, float] = {}
+    preempted = False
     while step < settings.num_train_steps:
       batch = sharding.global_batch(_stack_batches(dataset, steps_per_call), mesh, steps_axis=steps_per_call > 1)
       if compile_seconds is None:
@@ -280,18 +302,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       check_finite_policy()
       if step > start_step or not sample_paths:
         draw_samples(step)
-  finally:
-    bar.close()
-    preemption.close()
-    checkpointer.close()
-    writer.close()
 
   total_seconds = time.perf_counter() - run_start
   summary = {
       "workdir": workdir, "step": step, "start_step": start_step, "preempted": preempted,
       "num_params": num_params, "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
       "batch_size": settings.batch_size, "compile_seconds": compile_seconds, "total_seconds": total_seconds,
-      "final_loss": last_record.get("loss"), "steps_per_sec": last_record.get("steps_per_sec"),
+      "final_loss": last_record["loss"] if np.isfinite(last_record.get("loss", np.nan)) else None,
+      "steps_per_sec": last_record.get("steps_per_sec"),
       "examples_per_sec": last_record.get("examples_per_sec"),
       "nonfinite_steps": int(_local(state.nonfinite_steps)),
       "checkpoints": checkpointer.steps(), "samples": sample_paths[-1] if sample_paths else None,
@@ -299,7 +317,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       "compilations": train_step._cache_size() if hasattr(train_step, "_cache_size") else None,
   }
   if is_main:
-    records = _read_metrics(writer.path)
+    records = [r for r in _read_metrics(writer.path) if r.get("loss") is not None]
     if records:
       visualize.save_png(visualize.loss_curve_image([r["step"] for r in records], [r["loss"] for r in records]),
                          os.path.join(workdir, "loss.png"))
@@ -318,10 +336,25 @@ def _finite_mean(values) -> float:
 
 
 def _read_metrics(path: str) -> list[dict]:
+  """The training records (those with a `loss` field) of `metrics.jsonl`."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     return [r for r in (json.loads(line) for line in f if line.strip()) if "loss" in r]
+
+
+def _truncate_metrics(path: str, start_step: int) -> None:
+  """Drops the records of `metrics.jsonl` logged after `start_step` (by an attempt that did not save them)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line)["step"] <= start_step]
+  if len(kept) < len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _format_summary(summary: dict) -> str:
