@@ -5,6 +5,8 @@ Importing this module defines `--compilation_cache_dir` (absl flags are global t
 
 from __future__ import annotations
 
+import os
+import traceback
 from typing import Callable, Sequence
 
 from absl import app
@@ -14,8 +16,11 @@ from absl import logging
 COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A persistent XLA compilation cache "
                                         "directory (speeds up restarts).")
 
-# Raised by configuration, checkpoint and data checks with a message that names the problem and the fix.
-USER_ERRORS = (ValueError, FileNotFoundError)
+# Raised by configuration, checkpoint and data checks with a message that names the problem and the fix, and by
+# a run halted on a non-finite step. Only those raised by scoreflow's own code are shortened to one line.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+_OWN_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "run_")
 
 
 def start(argv: Sequence[str]) -> None:
@@ -32,8 +37,16 @@ def start(argv: Sequence[str]) -> None:
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
-  """`absl.app.run(main)`, printing a user error as one `error: ...` line (exit status 1) instead of a traceback."""
+  """`absl.app.run(main)`, printing scoreflow's own checks' errors as one `error: ...` line (exit status 1)."""
   try:
     app.run(main)
   except USER_ERRORS as error:
+    if not raised_by_own_check(error):
+      raise  # A failure inside JAX, Flax or another library: the traceback is the useful part.
     raise SystemExit(f"error: {error}") from None
+
+
+def raised_by_own_check(error: BaseException) -> bool:
+  """Whether `error` was raised by scoreflow itself (its innermost frame is in the package or a run_*.py script)."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_OWN_CODE)

@@ -80,6 +80,18 @@ def test_bad_override_fails_fast_naming_the_field(tmp_path):
   assert result.returncode != 0 and "batch_sizee" in result.stderr
 
 
+def test_only_scoreflows_own_errors_lose_their_traceback():
+  from scoreflow import cli
+  from scoreflow.train import builders
+
+  with pytest.raises(ValueError) as own:
+    builders.config_field({}, "training.batch_size")
+  assert cli.raised_by_own_check(own.value)
+  with pytest.raises(ValueError) as foreign:  # Raised inside JAX: its traceback is what a user needs.
+    jnp.split(jnp.ones(5), 2)
+  assert not cli.raised_by_own_check(foreign.value)
+
+
 def test_missing_dataset_fails_fast_with_one_line(tmp_path):
   """An unprepared tfds dataset stops the run within seconds, before the model is built or compiled, with the
   command that prepares it and no traceback; the workdir gets no checkpoint."""
