@@ -1,10 +1,18 @@
-"""CIFAR-10, the original DDPM (Ho et al. 2020) as reproduced by Song et al. (2021), Table 1 ("DDPM").
+"""CIFAR-10, DDPM: the U-Net of Ho et al. (2020) trained with the DDPM setup of Song et al. (2021)'s code.
 
-The discrete DDPM chain (1000 levels, beta linear from 1e-4 to 0.02, i.e. beta_min = 0.1, beta_max = 20 in the
-continuous notation) trained with the simple loss (noise prediction, mean over dimensions) on the 35.7 M-parameter
-DDPM U-Net (2 DDPM residual blocks per resolution, attention at 16x16, sinusoidal embedding of the step index,
-dropout 0.1); Adam at 2e-4 with a 5000-step warm-up, clipping at 1; batch 128, 1.3 M steps; EMA 0.9999; ancestral
-sampling with 1000 steps.
+The network (preset `ddpm_cifar10`, 35,746,307 parameters: Ho et al. report 35.7 M) has the layout of Ho et al.'s
+CIFAR-10 U-Net: 2 DDPM residual blocks per resolution, attention at 16x16 after every residual block on both paths
+(`attn_every_up_block=True`), a sinusoidal embedding of the integer step, dropout 0.1. Its initialisation follows
+the 2021 reference code rather than Ho et al.'s: the attention's q/k/v projections and the 1x1 ("NIN") shortcuts of
+the residual blocks that change width use the DDPM initialiser at scale 0.1 (Ho et al.: 1). (The layers both codes
+initialise with variance 1e-10 are exact zeros here.) The reference code's own DDPM (`models/ddpm.py`, which its
+`configs/vp/ddpm/cifar10.py` trains) attends only once per level on the upsampling path, 35,218,947 parameters:
+set `config.model.attn_every_up_block = False` for that network.
+
+Training follows `configs/vp/ddpm/cifar10.py` of the reference code: the discrete DDPM chain (1000 levels, beta
+linear from 1e-4 to 0.02, i.e. beta_min = 0.1, beta_max = 20 in the continuous notation) with the simple loss
+(noise prediction, mean over dimensions); Adam at 2e-4 with a 5000-step warm-up, clipping at 1; batch 128 for
+1.3 M steps (Ho et al.: 800 k); EMA 0.9999; ancestral sampling with 1000 steps.
 """
 
 from configs import default

@@ -1,6 +1,6 @@
 """CIFAR-10, DDPM++ (continuous) on the VP SDE: Song et al. (2021), Table 3 ("DDPM++ cont. (VP)").
 
-Paper hyper-parameters: VP SDE with beta in [0.1, 20]; the 62 M-parameter DDPM++ (4 BigGAN residual blocks per
+Paper hyper-parameters: VP SDE with beta in [0.1, 20]; the 61.80 M-parameter DDPM++ (4 BigGAN residual blocks per
 resolution, attention at 16x16, positional embedding of 999 t, dropout 0.1, skip rescaling); noise prediction
 (eps) with the loss averaged over dimensions; Adam at 2e-4 with a 5000-step warm-up, gradient clipping at 1;
 batch 128 for 1.3 M steps; EMA 0.9999; data centred to [-1, 1] with random flips; Euler-Maruyama sampling with

@@ -1,4 +1,5 @@
-"""Score networks: parameter counts of the paper's models, shapes, conditioning, dropout, initialisation, FIR.
+"""Score networks: parameter counts and architecture flags of the paper's models, shapes, conditioning, dropout,
+initialisation, FIR.
 
 Compilation dominates the cost of model tests, so shapes and dtypes are checked with `jax.eval_shape` (tracing
 only), only a few tiny networks are compiled, and the networks that run are initialised with RBG keys: with the
@@ -6,6 +7,7 @@ default threefry keys, compiling the initialisation of even a tiny U-Net takes a
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,121 @@ def test_deep_variants_add_four_blocks_per_level_on_each_path():
     extra += 4 * block(c, c) + 4 * block(2 * c, c)  # Up-path blocks see the concatenated skip (same width).
   assert deep_minus_base == extra
   assert MEASURED["ncsnpp_deep_cifar10"] - MEASURED["ncsnpp_cifar10"] == extra
+
+
+def test_ddpm_with_the_reference_codes_attention_layout():
+  """The 2021 reference's `models/ddpm.py` attends once per level on the way up, where Ho et al.'s U-Net attends
+  after each of the 3 up blocks at 16x16: 2 attention blocks of 256 channels fewer, 35,218,947 parameters."""
+  model = build_model("ddpm_cifar10", attn_every_up_block=False)
+  count = count_parameters(model, (1, 32, 32, 3), jnp.int32)
+  attention = 2 * 256 + 4 * (256 * 256 + 256)
+  reference = _reference_count(128, (1, 2, 2, 2), 2, (16,), 32, resblock_type="ddpm", attn_every_up_block=False)
+  assert count == reference == MEASURED["ddpm_cifar10"] - 2 * attention == 35_218_947
+
+
+# --- Architecture flags of the paper presets, pinned to the 2021 reference configs. ---------------------
+
+# What score_sde's configs give each network, in scoreflow's field names, transcribed from its configs/
+# vp/ddpm/cifar10.py, vp/cifar10_ddpmpp_continuous.py, vp/cifar10_ddpmpp_deep_continuous.py (the subvp/ files have
+# the same model sections), ve/cifar10_ncsnpp_continuous.py, ve/cifar10_ncsnpp_deep_continuous.py and
+# ve/celeba_ncsnpp.py, with what they inherit from default_cifar10_configs.py / default_celeba_configs.py
+# (dropout 0.1, fourier embedding, data.centered False). The names are the reference's, except `centered` (its
+# data.centered); its attention_type "ddpm" is the only attention scoreflow has (`layers.AttnBlock`), so it has no
+# field. Two entries are not config fields: `noise_conditioning` is what the reference feeds the network as
+# `labels` (999 t for continuous VP and sub-VP, sigma for continuous VE, the integer level for discrete DDPM and
+# SMLD training), and `attn_every_up_block` is False because both its NCSNpp and its DDPM attend once per level on
+# the way up. models/ddpm.py reads only nf, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
+# conditional, scale_by_sigma and data.centered; the other DDPM entries are what that file hard-codes.
+PINNED_KEYS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv", "conditional",
+               "fir", "fir_kernel", "skip_rescale", "resblock_type", "progressive", "progressive_input",
+               "progressive_combine", "attention_type", "embedding_type", "fourier_scale", "init_scale",
+               "scale_by_sigma", "centered", "noise_conditioning", "attn_every_up_block")
+NOT_APPLICABLE = {  # Keys the reference network does not read, so a preset may hold anything there.
+    "ddpm_cifar10": {"fir_kernel", "progressive_combine", "fourier_scale"},  # No FIR, pyramids or Fourier features.
+    "ncsnpp_celeba64": {"fourier_scale"},  # Positional embedding; the CelebA configs do not set it.
+}
+REFERENCE_ARCHITECTURES = {
+    "ddpm_cifar10": dict(
+        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+        conditional=True, fir=False, skip_rescale=False, resblock_type="ddpm", progressive="none",
+        progressive_input="none", attention_type="ddpm", embedding_type="positional", init_scale=0.0,
+        scale_by_sigma=False, centered=True, noise_conditioning="index", attn_every_up_block=False),
+    "ddpmpp_cifar10": dict(
+        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+        conditional=True, fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
+        progressive="none", progressive_input="none", progressive_combine="sum", attention_type="ddpm",
+        embedding_type="positional", fourier_scale=16, init_scale=0.0, scale_by_sigma=False, centered=True,
+        noise_conditioning="time", attn_every_up_block=False),
+    "ddpmpp_deep_cifar10": dict(
+        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=8, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+        conditional=True, fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
+        progressive="none", progressive_input="none", progressive_combine="sum", attention_type="ddpm",
+        embedding_type="positional", fourier_scale=16, init_scale=0.0, scale_by_sigma=False, centered=True,
+        noise_conditioning="time", attn_every_up_block=False),
+    "ncsnpp_cifar10": dict(
+        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+        conditional=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
+        progressive="none", progressive_input="residual", progressive_combine="sum", attention_type="ddpm",
+        embedding_type="fourier", fourier_scale=16, init_scale=0.0, scale_by_sigma=True, centered=False,
+        noise_conditioning="sigma", attn_every_up_block=False),
+    "ncsnpp_deep_cifar10": dict(
+        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=8, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+        conditional=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
+        progressive="none", progressive_input="residual", progressive_combine="sum", attention_type="ddpm",
+        embedding_type="fourier", fourier_scale=16, init_scale=0.0, scale_by_sigma=True, centered=False,
+        noise_conditioning="sigma", attn_every_up_block=False),
+    "ncsnpp_celeba64": dict(  # Trained on the discrete SMLD ladder (training.continuous = False).
+        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+        conditional=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
+        progressive="none", progressive_input="residual", progressive_combine="sum", attention_type="ddpm",
+        embedding_type="positional", init_scale=0.0, scale_by_sigma=True, centered=False,
+        noise_conditioning="index", attn_every_up_block=False),
+}
+# Where scoreflow departs on purpose, as documented in scoreflow/models/presets.py and the configs: DDPM has Ho
+# et al.'s attention layout; every preset takes [-1, 1] data (the VE configs set centered=False again); CelebA is
+# the continuous-time version of the reference's discrete model.
+_CONTINUOUS_CELEBA = dict(embedding_type="fourier", fourier_scale=16.0, noise_conditioning="sigma")
+PRESET_DEVIATIONS = {"ddpm_cifar10": dict(attn_every_up_block=True), "ncsnpp_cifar10": dict(centered=True),
+                     "ncsnpp_deep_cifar10": dict(centered=True),
+                     "ncsnpp_celeba64": dict(centered=True, **_CONTINUOUS_CELEBA)}
+CONFIG_DEVIATIONS = {"cifar10_ddpm": dict(attn_every_up_block=True), "celeba64_ncsnpp": _CONTINUOUS_CELEBA}
+CONFIG_PRESETS = {  # configs/<name>.py: the preset it trains.
+    "cifar10_ddpm": "ddpm_cifar10", "cifar10_ddpmpp_continuous": "ddpmpp_cifar10",
+    "cifar10_subvp_ddpmpp_continuous": "ddpmpp_cifar10", "cifar10_ddpmpp_deep_continuous": "ddpmpp_deep_cifar10",
+    "cifar10_subvp_ddpmpp_deep_continuous": "ddpmpp_deep_cifar10", "cifar10_ncsnpp_continuous": "ncsnpp_cifar10",
+    "cifar10_ncsnpp_deep_continuous": "ncsnpp_deep_cifar10", "celeba64_ncsnpp": "ncsnpp_celeba64",
+}
+
+
+def _expected_architecture(preset, deviations):
+  reference = REFERENCE_ARCHITECTURES[preset]
+  assert set(reference) == set(PINNED_KEYS) - NOT_APPLICABLE.get(preset, set())
+  assert reference["attention_type"] == "ddpm"
+  for key, value in deviations.items():  # A deviation must deviate, or it hides a mistake in the table.
+    assert key not in reference or reference[key] != value, (preset, key)
+  return {key: value for key, value in {**reference, **deviations}.items() if key != "attention_type"}
+
+
+@pytest.mark.parametrize("name", list(PAPER_CONFIGS))
+def test_paper_presets_have_the_reference_architecture(name):
+  """Every architecture flag, including those that leave the parameter count unchanged (fir, skip_rescale,
+  scale_by_sigma, the embedding, centered, init_scale, the progressive modes)."""
+  expected = _expected_architecture(name, PRESET_DEVIATIONS.get(name, {}))
+  model = build_model(name)
+  assert {key: getattr(model, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("config_name", list(CONFIG_PRESETS))
+def test_paper_configs_build_the_reference_architecture(config_name):
+  """What the configs train: the reference network, fed [0, 1] data exactly where the reference's data.centered is
+  False."""
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  preset = CONFIG_PRESETS[config_name]
+  assert config.model.preset == preset
+  expected = _expected_architecture(preset, CONFIG_DEVIATIONS.get(config_name, {}))
+  model = build_model(config.model.to_dict())
+  assert {key: getattr(model, key) for key in expected} == expected
+  assert config.data.scaler == ("centred" if model.centered else "unit_interval")
 
 
 # --- Shapes and dtypes for every architectural option (traced, not compiled). ------------------------

@@ -12,8 +12,9 @@ for 32x32x3 CIFAR-10 unless said otherwise, with the parameterization each was t
 =======================  ===============================================  ===========  ===============================
 name                     model                                            parameters   parameterization
 =======================  ===============================================  ===========  ===============================
-`ddpm_cifar10`           DDPM (Ho et al. 2020): 2 DDPM blocks/level,      35,746,307   :math:`\epsilon` at integer step
-                         attention after every up block                               (`"index"`, 1000 steps)
+`ddpm_cifar10`           DDPM U-Net of Ho et al. (2020): 2 DDPM           35,746,307   :math:`\epsilon` at integer step
+                         blocks/level, attention after every up block                 (`"index"`, 1000 steps)
+                         (initialisation: see below)
 `ddpmpp_cifar10`         DDPM++ cont. (VP, sub-VP): 4 BigGAN              61,804,419   :math:`\epsilon`, cond `999 t`
                          blocks/level, sinusoidal embedding                           (`"time"`, scale 999)
 `ddpmpp_deep_cifar10`    DDPM++ cont. (deep, VP, sub-VP): 8 blocks/level  106,632,579  as above
@@ -29,6 +30,14 @@ numbers the reference stored as a frozen parameter, are constants here.) In scor
 parameterizations are `EpsilonParameterization(NoiseConditioning("index", num_steps=1000))` (or `ddpm_loss` on
 a `DDPMChain`, which feeds the integer step), `EpsilonParameterization()` (its default conditioning is
 `999 t`), and `ScoreParameterization(NoiseConditioning("sigma"))`.
+
+`ddpm_cifar10` is the layout of Ho et al.'s U-Net (`diffusion_tf/models/unet.py`: attention after every block at
+16x16 on both paths) with the initialisation of the 2021 reference code: the attention's q/k/v projections and the
+1x1 ("NIN") shortcuts of the DDPM blocks that change width use the DDPM initialiser at scale 0.1, the default of the
+reference's `NIN` layer (Ho et al.: scale 1). (The layers both codes initialise with variance 1e-10 are exact zeros
+here, see :func:`~scoreflow.models.layers.default_init`.) `configs/cifar10_ddpm.py` trains it with Song et al.'s
+setup. The reference's own re-implementation (`models/ddpm.py`, used by its `configs/vp/ddpm/` configs) attends
+only once per level on the way up: `build_model("ddpm_cifar10", attn_every_up_block=False)`, 35,218,947 parameters.
 
 Small presets for a CPU: `ddpmpp_digits` and `ncsnpp_digits` (8x8x1 scikit-learn digits: nf 32,
 ch_mult (1, 2), one block per level, attention at 4x4; about 0.75 M parameters) and `mlp_toy` (2-D densities:
