@@ -10,7 +10,8 @@ jitted over a mesh of all devices), feeds synthetic batches (no data stack neede
   (the same-run baseline: the achievable peak, not a datasheet number).
 
 Cases: `digits` (the `ddpmpp_digits` preset, 8x8x1), `cifar_small` (DDPM++ at 32x32x3 with a small width),
-`cifar10_ddpmpp` (the paper's 62 M-parameter DDPM++ configuration; for accelerators).
+`cifar10_ddpmpp` (the paper's 61.8 M-parameter DDPM++ configuration; for accelerators, or with a small
+`--batch` on a CPU).
 
     python bench/bench_train.py                              # digits and cifar_small on this machine
     python bench/bench_train.py --cases cifar10_ddpmpp --compute_dtype bfloat16,float32  # on a GPU
