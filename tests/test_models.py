@@ -172,36 +172,28 @@ NOT_APPLICABLE = {  # Keys the reference network does not read, so a preset may 
     "ddpm_cifar10": {"fir_kernel", "progressive_combine", "fourier_scale"},  # No FIR, pyramids or Fourier features.
     "ncsnpp_celeba64": {"fourier_scale"},  # Positional embedding; the CelebA configs do not set it.
 }
+REFERENCE_DDPMPP = dict(
+    nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+    conditional=True, fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
+    progressive="none", progressive_input="none", progressive_combine="sum", attention_type="ddpm",
+    embedding_type="positional", fourier_scale=16, init_scale=0.0, scale_by_sigma=False, centered=True,
+    noise_conditioning="time", attn_every_up_block=False)
+REFERENCE_NCSNPP = dict(
+    nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
+    conditional=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
+    progressive="none", progressive_input="residual", progressive_combine="sum", attention_type="ddpm",
+    embedding_type="fourier", fourier_scale=16, init_scale=0.0, scale_by_sigma=True, centered=False,
+    noise_conditioning="sigma", attn_every_up_block=False)
 REFERENCE_ARCHITECTURES = {
     "ddpm_cifar10": dict(
         nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
         conditional=True, fir=False, skip_rescale=False, resblock_type="ddpm", progressive="none",
         progressive_input="none", attention_type="ddpm", embedding_type="positional", init_scale=0.0,
         scale_by_sigma=False, centered=True, noise_conditioning="index", attn_every_up_block=False),
-    "ddpmpp_cifar10": dict(
-        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
-        conditional=True, fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
-        progressive="none", progressive_input="none", progressive_combine="sum", attention_type="ddpm",
-        embedding_type="positional", fourier_scale=16, init_scale=0.0, scale_by_sigma=False, centered=True,
-        noise_conditioning="time", attn_every_up_block=False),
-    "ddpmpp_deep_cifar10": dict(
-        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=8, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
-        conditional=True, fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
-        progressive="none", progressive_input="none", progressive_combine="sum", attention_type="ddpm",
-        embedding_type="positional", fourier_scale=16, init_scale=0.0, scale_by_sigma=False, centered=True,
-        noise_conditioning="time", attn_every_up_block=False),
-    "ncsnpp_cifar10": dict(
-        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
-        conditional=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
-        progressive="none", progressive_input="residual", progressive_combine="sum", attention_type="ddpm",
-        embedding_type="fourier", fourier_scale=16, init_scale=0.0, scale_by_sigma=True, centered=False,
-        noise_conditioning="sigma", attn_every_up_block=False),
-    "ncsnpp_deep_cifar10": dict(
-        nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=8, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
-        conditional=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
-        progressive="none", progressive_input="residual", progressive_combine="sum", attention_type="ddpm",
-        embedding_type="fourier", fourier_scale=16, init_scale=0.0, scale_by_sigma=True, centered=False,
-        noise_conditioning="sigma", attn_every_up_block=False),
+    "ddpmpp_cifar10": REFERENCE_DDPMPP,
+    "ddpmpp_deep_cifar10": dict(REFERENCE_DDPMPP, num_res_blocks=8),  # The deep configs change only that.
+    "ncsnpp_cifar10": REFERENCE_NCSNPP,
+    "ncsnpp_deep_cifar10": dict(REFERENCE_NCSNPP, num_res_blocks=8),  # The deep configs change only that.
     "ncsnpp_celeba64": dict(  # Trained on the discrete SMLD ladder (training.continuous = False).
         nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.1, resamp_with_conv=True,
         conditional=True, fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, resblock_type="biggan",
