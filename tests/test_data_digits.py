@@ -1,5 +1,6 @@
 """The tfds digits builder prepares offline into a data_dir and reads back scikit-learn's digits exactly."""
 
+import multiprocessing
 import time
 
 import numpy as np
@@ -50,3 +51,46 @@ def test_second_prepare_is_a_no_op(digits_dir):
   prepare_digits(digits_dir)
   assert time.perf_counter() - start < 2.0
   assert {path.name: path.stat().st_mtime_ns for path in version_dir.iterdir()} == before
+
+
+def _prepare_and_read(data_dir, barrier, results):
+  """In a child process: prepare the digits once every racer is ready, then read both splits back."""
+  barrier.wait()
+  try:
+    builder = prepare_digits(data_dir)
+    read = {}
+    for split in ("train", "test"):
+      examples = builder.as_data_source(split).__getitems__(list(range(builder.info.splits[split].num_examples)))
+      read[split] = (np.stack([example["image"] for example in examples]),
+                     np.array([example["label"] for example in examples]))
+    results.put(("ok", read))
+  except Exception as error:  # pylint: disable=broad-except  # reported to the test
+    results.put(("error", repr(error)))
+
+
+def test_concurrent_preparation_from_several_processes(tmp_path):
+  # Every host of a multi-host run prepares the digits into a shared data_dir. Three processes start at once;
+  # tfds' rename of the first finished copy makes the others' renames fail, which must not fail them. A fork
+  # server with the module preloaded starts them quickly without forking this (multithreaded) process.
+  context = multiprocessing.get_context("forkserver")
+  context.set_forkserver_preload(["scoreflow.data.digits", __name__])
+  num_processes = 3
+  barrier, results = context.Barrier(num_processes), context.Queue()
+  processes = [context.Process(target=_prepare_and_read, args=(str(tmp_path), barrier, results))
+               for _ in range(num_processes)]
+  for process in processes:
+    process.start()
+  outcomes = [results.get(timeout=120) for _ in processes]
+  for process in processes:
+    process.join(timeout=60)
+  assert [status for status, _ in outcomes] == ["ok"] * num_processes, outcomes
+  reference = load_digits()
+  in_test = np.arange(len(reference.images)) % 6 == 5
+  for _, read in outcomes:
+    for split, in_split in (("train", ~in_test), ("test", in_test)):
+      images, labels = read[split]
+      np.testing.assert_array_equal(images[..., 0], reference.images[in_split].astype(np.uint8))
+      np.testing.assert_array_equal(labels, reference.target[in_split])
+  version_dir = tmp_path / "scoreflow_digits" / "1.0.0"
+  assert prepare_digits(tmp_path).is_prepared() and (version_dir / "dataset_info.json").is_file()
+  assert [path.name for path in (tmp_path / "scoreflow_digits").iterdir()] == ["1.0.0"]  # no incomplete.* left

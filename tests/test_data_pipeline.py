@@ -1,18 +1,22 @@
 """make_dataset: shapes, per-process shards, deterministic order, exact resumption, augmentation, scaling,
 the paper's preprocessing, and fast failure for datasets that are not prepared."""
 
+import importlib.util
 import json
 import math
 import shutil
+import threading
 import time
 
+from etils import epath
 import numpy as np
 import PIL.Image
 import pytest
 import scipy.stats
 import tensorflow_datasets as tfds
 
-from scoreflow.data import AffineScaler, centre_crop, make_dataset, prepare_digits, resize, resize_small
+from scoreflow.data import AffineScaler, centre_crop, crop_resize, make_dataset, prepare_digits, resize, resize_small
+from scoreflow.data import pipeline
 
 DIGITS_TRAIN = 1498  # = 2 * 7 * 107
 
@@ -195,6 +199,36 @@ def test_resume_gives_identical_batches_even_with_another_process_count(data_dir
     resumed.set_state({"next_index": 3})
 
 
+def test_resume_refuses_another_prepared_version_or_split_size(data_dir, tmp_path):
+  shutil.copytree(data_dir / "scoreflow_test_images" / "1.0.0", tmp_path / "scoreflow_test_images" / "1.0.0")
+  kwargs = dict(data_dir=tmp_path, global_batch_size=4, seed=0, image_size=8)
+  stream = make_dataset("scoreflow_test_images", "train", **kwargs)
+  next(stream)
+  state = json.loads(json.dumps(stream.get_state()))
+  assert (state["version"], state["split"], state["num_examples"]) == ("1.0.0", "train", 12)
+  assert (stream.version, stream.num_examples) == ("1.0.0", 12)
+  # A newer prepared version appears in data_dir: the same name now resolves to it.
+  newer = tmp_path / "scoreflow_test_images" / "1.1.0"
+  shutil.copytree(tmp_path / "scoreflow_test_images" / "1.0.0", newer)
+  info = json.loads((newer / "dataset_info.json").read_text())
+  (newer / "dataset_info.json").write_text(json.dumps(info | {"version": "1.1.0"}))
+  with pytest.raises(ValueError, match=r"another pipeline \(version='1\.0\.0' in the state but '1\.1\.0' here\)"):
+    make_dataset("scoreflow_test_images", "train", **kwargs).set_state(state)
+  pinned = make_dataset("scoreflow_test_images:1.0.0", "train", **kwargs)
+  with pytest.raises(ValueError, match=r"name='scoreflow_test_images' in the state but 'scoreflow_test_images:1\.0"):
+    pinned.set_state(state)
+  with pytest.raises(ValueError, match=r"another pipeline \(num_examples=11 in the state but 12 here\)"):
+    pinned.set_state(state | {"name": "scoreflow_test_images:1.0.0", "num_examples": 11})
+  with pytest.raises(ValueError, match=r"split='train\[:10\]' in the state but 'train' here, num_examples=10"):
+    pinned.set_state(state | {"name": "scoreflow_test_images:1.0.0", "split": "train[:10]", "num_examples": 10})
+  pinned.set_state(state | {"name": "scoreflow_test_images:1.0.0"})
+  # States saved before version and num_examples were recorded still resume (checked on the rest).
+  older = {key: value for key, value in state.items() if key not in ("version", "num_examples")}
+  pinned.set_state(older | {"name": "scoreflow_test_images:1.0.0"})
+  with pytest.raises(ValueError, match=r"state lacks \['seed'\]"):
+    pinned.set_state({key: value for key, value in older.items() if key != "seed"})
+
+
 def test_random_flip_flips_half_of_the_images(data_dir):
   plain = np.concatenate([b["x"] for b in take(digits(data_dir, global_batch_size=32), 20)])
   flipped = np.concatenate([b["x"] for b in take(digits(data_dir, global_batch_size=32, random_flip=True), 20)])
@@ -212,7 +246,8 @@ def test_uniform_dequantization_adds_uniform_noise_within_each_level(data_dir):
   stream = digits(data_dir, scaler="unit_interval", dequantize=True)
   assert stream.scaler == AffineScaler.unit_interval(17, dequantized=True)
   x = np.concatenate([b["x"] for b in take(stream, 30)])
-  assert x.min() >= 0 and x.max() <= 1  # [0, 1) up to float32 rounding of (l + u) / 17
+  assert x.min() >= 0 and x.max() < 1
+  np.testing.assert_array_equal(stream.scaler.to_levels(x), np.round(levels))
   noise = stream.scaler.inverse(x.astype(np.float64)) - np.round(levels)
   assert noise.min() >= -1e-5 and noise.max() <= 1 + 1e-5
   assert scipy.stats.kstest(noise.ravel()[::7], "uniform").pvalue > 1e-4
@@ -220,6 +255,32 @@ def test_uniform_dequantization_adds_uniform_noise_within_each_level(data_dir):
   centred = (noise - 0.5).reshape(len(noise), -1)
   for a, b in ((centred[:, :-1], centred[:, 1:]), (centred[:-1], centred[1:])):
     assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / math.sqrt(a.size)
+
+
+@pytest.mark.parametrize("num_levels", [17, 256])
+@pytest.mark.parametrize("scaler", [AffineScaler.centred, AffineScaler.unit_interval,
+                                    lambda num_levels, dequantized: AffineScaler(-2.0 / num_levels, 1.0, num_levels,
+                                                                                 dequantized)])
+def test_dequantized_values_stay_in_their_cell_for_adversarial_noise(scaler, num_levels):
+  # u is a multiple of 2^-24 in [0, 1) (_uniform_float32); the largest ones make l + u round up to l + 1 in
+  # float32, and s (l + u) + b rounds once more, across the cell edge for u near 0 or 1.
+  scaler = scaler(num_levels, dequantized=True)
+  k = np.concatenate([np.arange(64), 2**24 - np.arange(1, 4097)])
+  u = (k * 2.0**-24).astype(np.float32)
+  levels = np.broadcast_to(np.arange(num_levels, dtype=np.float32)[:, None], (num_levels, len(u))).copy()
+  x = pipeline._dequantized(levels, np.broadcast_to(u, levels.shape), np.float32(scaler.scale),
+                            np.float32(scaler.shift))
+  assert x.dtype == np.float32
+  np.testing.assert_array_equal(scaler.to_levels(x), levels)
+  # The range [b, b + s L), which is (b + s L, b] for s < 0.
+  if scaler.scale > 0:
+    assert x.min() >= scaler.shift and x.max() < scaler.shift + scaler.scale * num_levels
+  else:
+    assert x.min() > scaler.shift + scaler.scale * num_levels and x.max() <= scaler.shift
+  # Away from the cell edges the values are s (l + u) + b in float32, as before.
+  inner = (u > 2**-10) & (u < 1 - 2**-10)
+  np.testing.assert_array_equal(x[:, inner], np.float32(scaler.scale) * (levels[:, inner] + u[inner])
+                                + np.float32(scaler.shift))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,14 +294,33 @@ def test_image_operations():
   constant = np.full((20, 30, 3), 77, np.uint8)
   assert np.all(resize(constant, 7, 9) == 77) and resize(constant, 7, 9).shape == (7, 9, 3)
   assert resize_small(constant, 10).shape == (10, 15, 3)
+  assert resize_small(np.zeros((150, 141, 1), np.uint8), 128).shape == (136, 128, 1)  # round(150 * 128 / 141)
   with pytest.raises(ValueError, match="smaller than the crop size 9"):
     centre_crop(image, 9)
+  with pytest.raises(ValueError, match=r"resample must be one of \('bilinear', 'bicubic'\), got 'lanczos'"):
+    resize(constant, 7, 9, resample="lanczos")
+
+
+def test_resampling_matches_pil():
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)
+  for resample, pil_filter in (("bilinear", PIL.Image.Resampling.BILINEAR), ("bicubic", PIL.Image.Resampling.BICUBIC)):
+    expected = np.asarray(PIL.Image.fromarray(image).resize((11, 8), resample=pil_filter))
+    np.testing.assert_array_equal(resize(image, 8, 11, resample=resample), expected)
+  assert not np.array_equal(resize(image, 8, 11, resample="bicubic"), resize(image, 8, 11))
+  # crop_resize: the central 21 x 21 square (columns 4 .. 24), then bicubic to 8 x 8.
+  expected = np.asarray(PIL.Image.fromarray(image[:, 4:25]).resize((8, 8), resample=PIL.Image.Resampling.BICUBIC))
+  np.testing.assert_array_equal(crop_resize(image, 8), expected)
+  grey = image[..., :1]
+  assert crop_resize(grey, 8).shape == (8, 8, 1)
 
 
 @pytest.mark.parametrize("name, image_size, reference", [
     ("scoreflow_test_images", 16, lambda image: resize(image, 16, 16)),
     ("celeb_a", None, lambda image: resize(centre_crop(image, 140), 64, 64)),
-    ("lsun/bedroom", 32, lambda image: centre_crop(resize_small(image, 32), 32)),
+    # Song et al.'s LSUN: crop_resize (central square, bicubic) except at 128, where resize_small + central crop.
+    ("lsun/bedroom", 32, lambda image: crop_resize(image, 32)),
+    ("lsun/bedroom", 128, lambda image: centre_crop(resize_small(image, 128), 128)),
 ])
 def test_prepared_tfds_dataset_with_the_papers_preprocessing(data_dir, name, image_size, reference):
   stream = make_dataset(name, "train", data_dir=data_dir, global_batch_size=4, seed=0, shuffle=False,
@@ -255,6 +335,65 @@ def test_prepared_tfds_dataset_with_the_papers_preprocessing(data_dir, name, ima
     for i in range(4):
       np.testing.assert_array_equal(stream.scaler.to_levels(batch["x"][i]), reference(source[4 * k + i]["image"]))
       assert batch["label"][i] == source[4 * k + i]["label"]
+
+
+def test_variable_size_images_need_image_size(data_dir):
+  # The test images' feature shape is (None, None, 3) and their sizes differ.
+  with pytest.raises(ValueError, match=r"'scoreflow_test_images' vary in size \(feature shape \(None, None, 3\)\) "
+                                       r"and image_size is None.*set image_size \(config: data\.image_size\)"):
+    make_dataset("scoreflow_test_images", "train", data_dir=data_dir, global_batch_size=4, seed=0)
+
+
+def test_threaded_reads_give_the_same_batches(data_dir):
+  # Batches of 5 from 12 examples straddle epochs (an example can appear twice in a batch); 3 threads split a
+  # batch into chunks of 2, 2 and 1.
+  kwargs = dict(data_dir=data_dir, global_batch_size=5, seed=4, num_epochs=3, image_size=12, random_flip=True,
+                dequantize=True)
+  synchronous = list(make_dataset("scoreflow_test_images", "train", read_threads=0, prefetch_batches=0, **kwargs))
+  assert len(synchronous) == 7
+  with make_dataset("scoreflow_test_images", "train", read_threads=3, prefetch_batches=3, **kwargs) as stream:
+    assert_batches_equal(list(stream), synchronous)
+    assert any(thread.name.startswith("scoreflow-read") for thread in threading.enumerate())
+  assert not any(thread.name.startswith("scoreflow-read") for thread in threading.enumerate())
+  shards = []
+  for p in range(5):
+    with make_dataset("scoreflow_test_images", "train", read_threads=2, process_index=p, process_count=5,
+                      **kwargs) as shard:
+      shards.append(list(shard))
+  for k, batch in enumerate(synchronous):
+    np.testing.assert_array_equal(np.concatenate([shard[k]["x"] for shard in shards]), batch["x"])
+
+
+def test_split_expressions(data_dir):
+  def stream(split, **kwargs):
+    return make_dataset("digits", split, data_dir=data_dir, global_batch_size=1797, seed=0, shuffle=False,
+                        num_epochs=1, **kwargs)
+
+  source = prepare_digits(data_dir).as_data_source("test")
+  both = stream("train+test")
+  assert both.num_examples == 1797
+  np.testing.assert_array_equal(both.scaler.to_levels(next(both)["x"][DIGITS_TRAIN:]),
+                                np.stack([example["image"] for example in source]))
+  assert stream("train[:90%]").num_examples == 1348 and stream("train[10:20]+test[-5:]").num_examples == 15
+  with pytest.raises(ValueError, match=r"split 'train\+valid\[:5\]' does not exist .*\(unknown: \['valid'\]\)"):
+    stream("train+valid[:5]")
+  with pytest.raises(ValueError, match=r"cannot read split 'train\[:200%\]' of 'digits'"):
+    stream("train[:200%]")
+
+
+def test_local_data_dir_as_epath_and_urls_kept_intact(data_dir):
+  stream = make_dataset("scoreflow_test_images", "train", data_dir=epath.Path(data_dir), global_batch_size=4,
+                        seed=0, image_size=8)
+  assert next(stream)["x"].shape == (4, 8, 8, 3)
+  assert next(digits(epath.Path(data_dir)))["x"].shape == (14, 8, 8, 1)
+  # pathlib.Path would collapse "gs://" to "gs:/"; the path, and the preparation command, keep the URL.
+  root = pipeline._data_dir_path("gs://bucket/tfds")
+  assert str(root / "cifar10" / "3.0.2") == "gs://bucket/tfds/cifar10/3.0.2"
+  message = str(pipeline._not_prepared_error("cifar10", root, "detail"))
+  assert "data_dir 'gs://bucket/tfds'" in message and "--data_dir=gs://bucket/tfds " in message
+  if importlib.util.find_spec("gcsfs") is None:  # offline: reaching GCS needs gcsfs, and epath says so
+    with pytest.raises(ImportError, match="gcsfs"):
+      make_dataset("cifar10", "train", data_dir="gs://bucket/tfds", global_batch_size=4, seed=0)
 
 
 def test_missing_dataset_fails_fast_with_instructions(tmp_path):

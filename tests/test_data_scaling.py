@@ -108,6 +108,16 @@ def test_uniform_dequantize(getkey):
   assert uniform_dequantize(getkey(), levels, jnp.float64).dtype == jnp.float64
 
 
+def test_uniform_dequantize_stays_below_the_next_level(getkey):
+  # In float32, 255 + u rounds up to 256 for u >= 1 - 2^-17: 2^6 of jax's 2^23 float32 uniforms, so about 32
+  # of these 2^22 draws (the chance of none is e^-32).
+  levels = jnp.full((2**22,), 255, jnp.uint8)
+  y = np.asarray(uniform_dequantize(getkey(), levels))
+  assert y.max() < 256 and np.all(np.floor(y) == 255)
+  assert y.max() == np.nextafter(np.float32(256), np.float32(0))
+  np.testing.assert_array_equal(AffineScaler.centred(256, dequantized=True).to_levels(y[-1000:]), 255)
+
+
 def test_errors():
   with pytest.raises(ValueError, match="num_levels must be an int >= 2, got 1"):
     AffineScaler.centred(1)

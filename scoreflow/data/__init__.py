@@ -7,6 +7,7 @@ from scoreflow.data.digits import prepare_digits as prepare_digits
 
 from scoreflow.data.pipeline import DataIterator as DataIterator
 from scoreflow.data.pipeline import centre_crop as centre_crop
+from scoreflow.data.pipeline import crop_resize as crop_resize
 from scoreflow.data.pipeline import make_dataset as make_dataset
 from scoreflow.data.pipeline import resize as resize
 from scoreflow.data.pipeline import resize_small as resize_small

@@ -81,6 +81,11 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> ScoreflowDigits
   Preparation takes about a second, needs no network and writes
   `<data_dir>/scoreflow_digits/1.0.0/` (array_record shards, `dataset_info.json`, `features.json`).
 
+  Safe to call from several processes sharing `data_dir` (every host of a multi-host run does): tfds writes
+  into a private `incomplete.*` directory and renames it onto the version directory, so when processes race,
+  the first rename wins and the others' fail with an `OSError`; a loser then checks that the winner's copy is
+  complete and reads it. (Each racer still spends the second of preparation.)
+
   Args:
     data_dir: the tfds data directory; `None` means tfds' default (`$TFDS_DATA_DIR` or
       `~/tensorflow_datasets`).
@@ -88,8 +93,18 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> ScoreflowDigits
   Returns:
     The prepared :class:`ScoreflowDigits` builder; read a split with `builder.as_data_source("train")`.
   """
-  builder = ScoreflowDigits(data_dir=None if data_dir is None else os.fspath(data_dir),
-                            file_format="array_record")
-  if not builder.is_prepared():
+
+  def open_builder() -> ScoreflowDigits:
+    return ScoreflowDigits(data_dir=None if data_dir is None else os.fspath(data_dir), file_format="array_record")
+
+  builder = open_builder()
+  if builder.is_prepared():
+    return builder
+  try:
     builder.download_and_prepare()
-  return builder
+  except OSError:
+    if not open_builder().is_prepared():
+      raise
+  # A fresh builder reads the split sizes from the prepared directory: one built before another process
+  # finished preparing holds only the code's DatasetInfo.
+  return open_builder()

@@ -10,7 +10,8 @@ r"""Input pipelines: deterministic, per-process sharded, resumable batch streams
 * any tfds image dataset already prepared in `data_dir` in the `array_record` format (`cifar10`, `mnist`,
   `celeb_a`, `svhn_cropped`, `lsun/bedroom`, ...; pin a version with `"cifar10:3.0.2"`), read with
   `tfds.data_source` semantics through `tfds.builder_from_directory`: no TensorFlow, no catalog code, no
-  network. A dataset that is not prepared fails at once with the command that prepares it.
+  network. A dataset that is not prepared fails at once with the command that prepares it. `data_dir` may be
+  a local path or a URL such as `gs://bucket/tfds` (read through `etils.epath`; `gs://` needs `gcsfs`).
 
 Order and sharding. Stream position `n` holds example `perm_e(n mod N)` of epoch `e = floor(n / N)`, where
 `perm_e` is a fresh seeded permutation of the `N` examples of the split for every epoch (the identity with
@@ -25,33 +26,44 @@ sequential generator. Hence
 * the state of every process is the index `k` of its next batch, which is the same on all processes, so
   :meth:`DataIterator.set_state` resumes exactly, even with a different `process_count`.
 
-grain runs the stream: a `MapDataset` over batch indices, converted to an iterator with background reading
-threads and a checkpointable position (`worker_count=0`: no processes are forked). Batches are assembled with
-vectorized NumPy rather than grain's per-example transformations, which cost about 0.1 ms per example on
-this machine (index shuffle and per-example statistics) against about 1 us here for in-memory data.
+grain runs the stream: a `MapDataset` over batch indices, converted to an iterator with a checkpointable
+position that reads `prefetch_batches` batches ahead, each in its own background thread (`worker_count=0`:
+no processes are forked). Batches are assembled with vectorized NumPy rather than grain's per-example
+transformations, which cost about 0.1 ms per example on this machine (index shuffle and per-example
+statistics) against about 1 us here for in-memory data. A batch of a tfds dataset fetches its records with
+the data source's batched read (`__getitems__`) and decodes and preprocesses them in `read_threads`
+contiguous chunks at once (PIL releases the GIL while decoding and resizing); the examples keep their order,
+so batches do not depend on the thread counts.
 
 With a finite `num_epochs` the stream ends after `floor(num_epochs * N / global_batch_size)` global batches:
 the last incomplete global batch is dropped so that every process yields the same number of batches.
 
-Preprocessing follows Song et al. (2021)'s code: CelebA is centre-cropped to 140x140 and resized to
-`image_size` (default 64); LSUN is resized so that its shorter side is `image_size` (default 256) and
-centre-cropped to a square; other datasets are resized to `image_size` x `image_size` when it is given and
-differs from their size. Resizing is bilinear with antialiasing (PIL) and rounds back to integer levels, so
-dequantization stays exact. Then an optional random horizontal flip, optional uniform dequantization and the
-affine :class:`~scoreflow.data.scaling.AffineScaler` (centred to `[-1, 1]` by default).
+Preprocessing follows Song et al. (2021)'s `datasets.py`: CelebA is centre-cropped to 140x140 and resized
+to `image_size` (default 64); LSUN at `image_size` 128 is resized so that its shorter side is 128
+(`resize_small`) and centre-cropped to 128x128, and at any other `image_size` (default 256) centre-cropped to
+its largest square and resized to `image_size` with bicubic resampling (`crop_resize`); other datasets are
+resized to `image_size` x `image_size` when it is given and differs from their size (datasets whose images
+vary in size need it). Resizing is antialiased (PIL; bilinear unless stated) and rounds back to integer
+levels, so dequantization stays exact. Then an optional random horizontal flip, optional uniform
+dequantization and the affine :class:`~scoreflow.data.scaling.AffineScaler` (centred to `[-1, 1]` by
+default).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
-import pathlib
+import re
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from typing import Any
 
+from etils import epath
 import grain
 import numpy as np
 import PIL.Image
@@ -65,7 +77,11 @@ CELEBA_CROP_SIZE = 140
 _DEFAULT_IMAGE_SIZE = {"celeb_a": 64, "lsun": 256}
 _SCALER_NAMES = {"centred": AffineScaler.centred, "centered": AffineScaler.centred,
                  "unit_interval": AffineScaler.unit_interval}
-_STATE_IDENTITY = ("name", "split", "seed", "shuffle", "num_epochs", "global_batch_size")
+_STATE_IDENTITY = ("name", "version", "split", "num_examples", "seed", "shuffle", "num_epochs",
+                   "global_batch_size")
+# Identity keys that states saved by earlier scoreflow versions lack: such states resume, unchecked on these.
+_LATER_IDENTITY = ("version", "num_examples")
+_RESAMPLING = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,46 +97,56 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
   return image[top:top + size, left:left + size]
 
 
-def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of uint8 `image: [H, W, C]` (antialiased when shrinking) to `[height, width, C]`."""
+def resize(image: np.ndarray, height: int, width: int, resample: str = "bilinear") -> np.ndarray:
+  """Resize of uint8 `image: [H, W, C]` to `[height, width, C]` with PIL (antialiased when shrinking).
+
+  Args:
+    image: uint8 `[H, W, C]`.
+    height, width: the output size; an image already of that size is returned as is.
+    resample: `"bilinear"` or `"bicubic"` (the output is rounded and clipped to uint8 levels).
+  """
+  if resample not in _RESAMPLING:
+    raise ValueError(f"resize: resample must be one of {tuple(_RESAMPLING)}, got {resample!r}.")
   if image.shape[:2] == (height, width):
     return image
   if image.dtype != np.uint8:
     raise ValueError(f"resize: expected uint8 pixel levels, got dtype {image.dtype}.")
   channels = image.shape[-1]
   pil_image = PIL.Image.fromarray(image[..., 0] if channels == 1 else image)
-  resized = pil_image.resize((width, height), resample=PIL.Image.Resampling.BILINEAR)
+  resized = pil_image.resize((width, height), resample=_RESAMPLING[resample])
   return np.asarray(resized).reshape(height, width, channels)
 
 
 def resize_small(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes `image: [H, W, C]` so that its shorter side is `size`, keeping the aspect ratio."""
+  """Bilinear resize of `image: [H, W, C]` so that its shorter side is `size`, keeping the aspect ratio.
+
+  The other side is `round(side * size / min(H, W))`, as in Song et al. (2021)'s `resize_small`.
+  """
   height, width = image.shape[:2]
   ratio = size / min(height, width)
   return resize(image, int(round(height * ratio)), int(round(width * ratio)))
 
 
+def crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """The central `min(H, W)` square of `image: [H, W, C]`, bicubic-resized to `size` x `size`.
+
+  Song et al. (2021)'s `crop_resize` (their LSUN preprocessing at sizes other than 128).
+  """
+  return resize(centre_crop(image, min(image.shape[:2])), size, size, resample="bicubic")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Preprocess:
-  """Example dict -> `{"image": uint8 [H, W, C], "label": int32 []}` (deterministic geometry)."""
+  """Example dict -> `{"image": uint8 [H, W, C], "label": int32 []}`, applying the image operations in order."""
 
-  crop_before: int | None = None
-  resize_small_to: int | None = None
-  resize_to: int | None = None
-  crop_after: int | None = None
+  geometry: tuple[Callable[[np.ndarray], np.ndarray], ...] = ()
 
   def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
     image = np.asarray(example["image"])
     if image.ndim == 2:
       image = image[..., None]
-    if self.crop_before is not None:
-      image = centre_crop(image, self.crop_before)
-    if self.resize_small_to is not None:
-      image = resize_small(image, self.resize_small_to)
-    if self.resize_to is not None:
-      image = resize(image, self.resize_to, self.resize_to)
-    if self.crop_after is not None:
-      image = centre_crop(image, self.crop_after)
+    for operation in self.geometry:
+      image = operation(image)
     return {"image": image, "label": np.int32(example.get("label", 0))}
 
 
@@ -145,6 +171,45 @@ def _splitmix64(seed: int, counters: np.ndarray) -> np.ndarray:
 def _uniform_float32(seed: int, counters: np.ndarray) -> np.ndarray:
   """U[0, 1) float32 with 24 random bits (exactly representable, never 1) for each counter."""
   return (_splitmix64(seed, counters) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+
+
+_MAX_CELL_STEPS = 8
+
+
+def _dequantized(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np.float32) -> np.ndarray:
+  r"""Model-space values :math:`x = s\,(l + u) + b` (float32) that stay in the cell of their level `l`.
+
+  In float32 two roundings can push a value into the next cell: `l + u` rounds up to `l + 1` when `u` is
+  within half an ulp of 1 (any `u >= 1 - 2^{-17}` for `l >= 128`), which at the top level gives `x = 1`,
+  outside the centred range `[-1, 1)`; and `s (l + u) + b` rounds again. So a rounded-up `l + u` becomes the
+  largest float32 below `l + 1`, and a value whose cell as :meth:`AffineScaler.to_levels` computes it,
+  :math:`\lfloor (x - b) / s \rfloor` in float32, is not `l` moves one float32 step at a time towards it (that
+  cell is monotone in `x`). Only values within a few ulps of a cell edge change.
+
+  Args:
+    levels: float32 `[*S]`, integer levels `l`.
+    u: float32 `[*S]` in `[0, 1)`.
+    scale, shift: :math:`s` and :math:`b` of the dequantized scaler, as float32.
+
+  Returns:
+    float32 `[*S]`.
+  """
+  dequantized = levels + u
+  rounded_up = np.flatnonzero(dequantized - levels == 1)  # the difference is exact (Sterbenz)
+  dequantized.reshape(-1)[rounded_up] = np.nextafter(dequantized.reshape(-1)[rounded_up], np.float32(0))
+  x = scale * dequantized + shift
+  flat_x, flat_levels = x.reshape(-1), levels.reshape(-1)
+  towards_higher_cells = np.float32(np.inf) * np.sign(scale)
+  for _ in range(_MAX_CELL_STEPS):
+    cells = np.floor((x - shift) / scale)
+    if np.array_equal(cells, levels):
+      return x
+    wrong = np.flatnonzero(cells != levels)
+    direction = np.where(cells.reshape(-1)[wrong] > flat_levels[wrong], -towards_higher_cells, towards_higher_cells)
+    flat_x[wrong] = np.nextafter(flat_x[wrong], direction)
+  raise RuntimeError(f"make_dataset: dequantized values did not settle in their level's cell after "
+                     f"{_MAX_CELL_STEPS} float32 steps (scale={scale}, shift={shift}); the scaler's cells are too "
+                     "narrow for float32.")
 
 
 class _EpochPermutations:
@@ -200,16 +265,20 @@ class _ImageBatches:
     if self._flip_seed is not None:
       flip = (_splitmix64(self._flip_seed, positions) >> np.uint64(63)).astype(bool)
       images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    x = images.astype(np.float32)
-    if self._noise_seed is not None:
-      num_dims = math.prod(self._element_shape)
-      counters = positions[:, None].astype(np.uint64) * np.uint64(num_dims) + np.arange(num_dims, dtype=np.uint64)
-      x += _uniform_float32(self._noise_seed, counters).reshape(x.shape)
-    return {"x": self._scale * x + self._shift, "label": labels}
+    levels = images.astype(np.float32)
+    if self._noise_seed is None:
+      return {"x": self._scale * levels + self._shift, "label": labels}
+    num_dims = math.prod(self._element_shape)
+    counters = positions[:, None].astype(np.uint64) * np.uint64(num_dims) + np.arange(num_dims, dtype=np.uint64)
+    u = _uniform_float32(self._noise_seed, counters).reshape(levels.shape)
+    return {"x": _dequantized(levels, u, self._scale, self._shift), "label": labels}
 
 
 class _InMemoryExamples:
-  """All preprocessed examples of a small split held as arrays (the digits: at most 1797 x 64 bytes); every process holds it."""
+  """All preprocessed examples of a small split held as arrays (the digits: at most 1797 x 64 bytes).
+
+  Every process holds all of them.
+  """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray):
     self._images, self._labels = images, labels
@@ -217,17 +286,40 @@ class _InMemoryExamples:
   def __call__(self, indices):
     return self._images[indices], self._labels[indices]
 
+  def close(self) -> None:
+    """Nothing to release: no threads of its own."""
+
 
 class _SourceExamples:
-  """Reads and preprocesses the examples at `indices` from a random-access source, this process's only."""
+  """Reads and preprocesses the examples at `indices` from a tfds data source, this process's only.
 
-  def __init__(self, source, preprocess: _Preprocess):
+  The records come from the source's batched read (`__getitems__`); with `num_threads > 1` the indices are
+  split into that many contiguous chunks, read, decoded and preprocessed at once on a thread pool, and
+  concatenated in order, so the result does not depend on `num_threads`.
+  """
+
+  def __init__(self, source, preprocess: _Preprocess, num_threads: int):
     self._source, self._preprocess = source, preprocess
+    self._num_threads = num_threads
+    self._pool = (concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="scoreflow-read")
+                  if num_threads > 1 else None)
+
+  def _read(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
+    return [self._preprocess(example) for example in self._source.__getitems__(indices)]
 
   def __call__(self, indices):
-    examples = [self._preprocess(self._source[int(index)]) for index in indices]
+    if self._pool is None:
+      examples = self._read(indices.tolist())
+    else:
+      chunks = np.array_split(indices, min(self._num_threads, len(indices)))
+      examples = [example for chunk in self._pool.map(self._read, [chunk.tolist() for chunk in chunks])
+                  for example in chunk]
     return (np.stack([example["image"] for example in examples]),
             np.array([example["label"] for example in examples], np.int32))
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(cancel_futures=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,18 +352,22 @@ class DataIterator:
     element_shape: `D`, the shape of one example in model space.
     global_batch_size, local_batch_size: `B` and `B_local = B // process_count`.
     process_index, process_count: this process's shard.
-    scaler: the :class:`AffineScaler` from raw levels to model space (`None` for toy data, which are
-      already in model space); use it for bits/dim and to turn samples back into images.
+    scaler: the :class:`AffineScaler` from raw levels (or, with `dequantize=True`, dequantized values) to
+      model space (`None` for toy data, which are already in model space); use it to turn samples back into
+      images (:meth:`AffineScaler.to_uint8`) and, for dequantized data, for bits/dim.
+    version: the tfds version read (`None` for toy data).
     num_examples: examples in the split (`None` for infinite toy streams).
     num_batches: global batches the stream yields (`None` when infinite).
   """
 
   def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions, *, identity: dict,
-               element_shape: tuple[int, ...], scaler: AffineScaler | None, num_examples: int | None,
-               num_batches: int | None, process_index: int, process_count: int):
+               element_shape: tuple[int, ...], scaler: AffineScaler | None, num_batches: int | None,
+               process_index: int, process_count: int, on_close: Callable[[], None] | None = None):
     self._iterator = batches.to_iter_dataset(read_options).__iter__()
     self._identity = identity
+    self._on_close = on_close
     self.name = identity["name"]
+    self.version = identity["version"]
     self.split = identity["split"]
     self.global_batch_size = identity["global_batch_size"]
     self.local_batch_size = self.global_batch_size // process_count
@@ -279,7 +375,7 @@ class DataIterator:
     self.process_count = process_count
     self.element_shape = tuple(element_shape)
     self.scaler = scaler
-    self.num_examples = num_examples
+    self.num_examples = identity["num_examples"]
     self.num_batches = num_batches
 
   def __iter__(self) -> DataIterator:
@@ -303,15 +399,16 @@ class DataIterator:
     means the same global batch on every process.
 
     Raises:
-      ValueError: if `state` was saved by a pipeline with a different dataset, split, seed, shuffling,
-        number of epochs or global batch size.
+      ValueError: if `state` was saved by a pipeline with a different dataset, prepared tfds version, split,
+        number of examples in the split, seed, shuffling, number of epochs or global batch size: any of
+        these would silently change the stream.
     """
-    missing = [key for key in (*_STATE_IDENTITY, "next_batch") if key not in state]
+    missing = [key for key in (*_STATE_IDENTITY, "next_batch") if key not in state and key not in _LATER_IDENTITY]
     if missing:
       raise ValueError(f"DataIterator.set_state: state lacks {missing}; pass a dict from get_state(), got "
                        f"{state!r}.")
     different = {key: (state[key], self._identity[key]) for key in _STATE_IDENTITY
-                 if state[key] != self._identity[key]}
+                 if key in state and state[key] != self._identity[key]}
     if different:
       described = ", ".join(f"{key}={saved!r} in the state but {mine!r} here"
                             for key, (saved, mine) in different.items())
@@ -327,6 +424,8 @@ class DataIterator:
   def close(self) -> None:
     """Stops background reading threads."""
     self._iterator.close()
+    if self._on_close is not None:
+      self._on_close()
 
   def __enter__(self) -> DataIterator:
     return self
@@ -339,7 +438,7 @@ class DataIterator:
 # Opening prepared tfds datasets without network access.
 
 
-def _not_prepared_error(name: str, data_dir: pathlib.Path, detail: str) -> FileNotFoundError:
+def _not_prepared_error(name: str, data_dir: epath.Path, detail: str) -> FileNotFoundError:
   return FileNotFoundError(
       f"Dataset {name!r} is not prepared in data_dir {str(data_dir)!r}: {detail}. scoreflow reads tfds "
       "datasets offline and never downloads. Prepare it once on a machine with network access and "
@@ -350,12 +449,12 @@ def _not_prepared_error(name: str, data_dir: pathlib.Path, detail: str) -> FileN
       f"{toy.TOY_DATASETS}.")
 
 
-def _version_key(path: pathlib.Path):
+def _version_key(path: epath.Path):
   parts = path.name.split(".")
   return tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else ()
 
 
-def _prepared_builder_dir(name: str, data_dir: pathlib.Path) -> pathlib.Path:
+def _prepared_builder_dir(name: str, data_dir: epath.Path) -> epath.Path:
   """`<data_dir>/<name>/<version>` of a prepared dataset (latest version unless `name` pins one)."""
   dataset, _, version = name.partition(":")
   root = data_dir / dataset
@@ -378,21 +477,34 @@ def _prepared_builder_dir(name: str, data_dir: pathlib.Path) -> pathlib.Path:
   return builder_dir
 
 
+def _data_dir_path(data_dir: str | os.PathLike | None) -> epath.Path:
+  """`data_dir` (or tfds' default) as an `epath.Path`, which keeps URLs such as `gs://bucket/tfds` intact."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  return epath.Path(tfds.core.constants.DATA_DIR if data_dir is None else data_dir).expanduser()
+
+
 def _open_tfds_split(name: str, split: str, data_dir) -> tuple[Any, Any]:
-  """(data source, features) of a split; digits are prepared on first use, other datasets must exist."""
+  """(data source, DatasetInfo) of a split; digits are prepared on first use, other datasets must exist."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   if name in DIGITS_NAMES:
     builder = prepare_digits(data_dir)
   else:
-    root = pathlib.Path(os.fspath(data_dir) if data_dir is not None else tfds.core.constants.DATA_DIR)
-    builder = tfds.builder_from_directory(_prepared_builder_dir(name, root.expanduser()))
+    builder = tfds.builder_from_directory(_prepared_builder_dir(name, _data_dir_path(data_dir)))
   available = tuple(builder.info.splits)
-  base_split = split.split("[")[0]
-  if base_split not in available:
-    raise ValueError(f"make_dataset: split {split!r} does not exist for dataset {name!r}; available splits: "
-                     f"{available}.")
-  return builder.as_data_source(split=split), builder.info.features
+  # A tfds split expression: splits joined by "+", each optionally sliced ("train[:90%]+test").
+  unknown = [part for part in (re.sub(r"\[.*\]$", "", term.strip()) for term in split.split("+"))
+             if part not in available]
+  if unknown:
+    raise ValueError(f"make_dataset: split {split!r} does not exist for dataset {name!r} (unknown: {unknown}); "
+                     f"available splits: {available}, which tfds expressions such as 'train[:90%]' or "
+                     "'train+test' slice and combine.")
+  try:
+    source = builder.as_data_source(split=split)
+  except ValueError as error:
+    raise ValueError(f"make_dataset: cannot read split {split!r} of {name!r}: {error}") from error
+  return source, builder.info
 
 
 def _num_levels(name: str, features) -> int:
@@ -407,15 +519,28 @@ def _num_levels(name: str, features) -> int:
   return 256
 
 
-def _preprocessing(name: str, image_size: int | None) -> _Preprocess:
-  """The geometry of Song et al. (2021)'s input pipeline for `name` (see the module docstring)."""
+def _preprocessing(name: str, image_size: int | None, image_shape: tuple[int | None, ...]) -> _Preprocess:
+  """The geometry of Song et al. (2021)'s input pipeline for `name` (see the module docstring).
+
+  `image_shape` is the dataset's image feature shape, `None` where the size varies between images.
+  """
   base = name.partition(":")[0].split("/")[0]
   if base == "celeb_a":
-    return _Preprocess(crop_before=CELEBA_CROP_SIZE, resize_to=image_size or _DEFAULT_IMAGE_SIZE[base])
+    size = image_size or _DEFAULT_IMAGE_SIZE[base]
+    return _Preprocess((functools.partial(centre_crop, size=CELEBA_CROP_SIZE),
+                        functools.partial(resize, height=size, width=size)))
   if base == "lsun":
     size = image_size or _DEFAULT_IMAGE_SIZE[base]
-    return _Preprocess(resize_small_to=size, crop_after=size)
-  return _Preprocess(resize_to=image_size)
+    if size == 128:
+      return _Preprocess((functools.partial(resize_small, size=size), functools.partial(centre_crop, size=size)))
+    return _Preprocess((functools.partial(crop_resize, size=size),))
+  if image_size is not None:
+    return _Preprocess((functools.partial(resize, height=image_size, width=image_size),))
+  if None in tuple(image_shape)[:2]:
+    raise ValueError(f"make_dataset: the images of dataset {name!r} vary in size (feature shape "
+                     f"{tuple(image_shape)}) and image_size is None, so batches cannot be stacked; set "
+                     "image_size (config: data.image_size) to resize every image to image_size x image_size.")
+  return _Preprocess()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -461,9 +586,10 @@ def make_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None, g
     name: a toy density (:data:`scoreflow.data.toy.TOY_DATASETS`), `"digits"`, or a tfds image dataset
       prepared in `data_dir` (`"cifar10"`, `"mnist"`, `"celeb_a"`, `"svhn_cropped"`, `"lsun/bedroom"`, with
       an optional `":<version>"`).
-    split: a split name (tfds slicing such as `"train[:90%]"` works). Toy streams of different splits are
-      independent.
-    data_dir: the tfds data directory (`None`: tfds' default); unused by toy data.
+    split: a split name or a tfds split expression (`"train[:90%]"`, `"train+test"`). Toy streams of
+      different splits are independent.
+    data_dir: the tfds data directory, a local path or a URL such as `"gs://bucket/tfds"` (`None`: tfds'
+      default); unused by toy data.
     global_batch_size: examples per step over all processes; divisible by `process_count`.
     seed: non-negative integer; fixes the order, the augmentations and the toy samples.
     shuffle: reshuffle the split every epoch (ignored by toy streams).
@@ -471,18 +597,24 @@ def make_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None, g
     process_index, process_count: this process's position among the processes that read the stream (e.g.
       `jax.process_index()`, `jax.process_count()`); it reads and decodes only its block of each batch.
     image_size: output height and width (see the module docstring for each dataset's rule); images only.
+      Required by datasets whose images vary in size (other than CelebA and LSUN, which have defaults).
     random_flip: flip each image horizontally with probability 1/2.
-    dequantize: add :math:`u \\sim U[0, 1)` to the integer levels before scaling.
+    dequantize: add :math:`u \\sim U[0, 1)` to the integer levels `l` before scaling; in float32 the result
+      stays below `l + 1`, and the scaler's :meth:`~AffineScaler.to_levels` gives back `l`.
     scaler: `AffineScaler`, `"centred"` (default, `[-1, 1]`) or `"unit_interval"` (`[0, 1]`); names are
       built for the dataset's number of levels (256, or 17 for digits) and the `dequantize` convention.
-    read_threads, prefetch_batches: grain's background reading (threads and batches read ahead; 0 reads
-      synchronously). Processes are never forked (grain `worker_count=0`).
+    read_threads: threads that read, decode and preprocess the examples of one batch of a tfds dataset
+      (0 or 1: the thread that assembles the batch; in-memory digits and toy streams ignore it).
+    prefetch_batches: batches assembled ahead in background threads, one thread per batch (0: each batch
+      is assembled synchronously in `next`; toy streams are always synchronous). The two multiply: up to
+      `prefetch_batches * read_threads` examples are decoded at once. Processes are never forked.
 
   Returns:
     A :class:`DataIterator`.
 
   Raises:
-    ValueError: for invalid arguments, naming the argument and the fix.
+    ValueError: for invalid arguments, naming the argument and the fix; for images of varying size without
+      `image_size`.
     FileNotFoundError: at once (no network access) if a tfds dataset is not prepared in `data_dir`, with
       the command that prepares it.
 
@@ -509,11 +641,11 @@ def make_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None, g
     _check_int("num_epochs", num_epochs, 1, "pass None for an infinite stream")
   if image_size is not None:
     _check_int("image_size", image_size, 1, "pass None to keep the dataset's size")
-  _check_int("read_threads", read_threads, 0, "0 reads synchronously")
+  _check_int("read_threads", read_threads, 0, "pass 1 to decode each batch in a single thread")
   _check_int("prefetch_batches", prefetch_batches, 0, "0 disables read-ahead")
   local_batch_size = global_batch_size // process_count
-  identity = {"name": name, "split": split, "seed": int(seed), "shuffle": bool(shuffle),
-              "num_epochs": num_epochs, "global_batch_size": int(global_batch_size)}
+  identity = {"name": name, "version": None, "split": split, "num_examples": None, "seed": int(seed),
+              "shuffle": bool(shuffle), "num_epochs": num_epochs, "global_batch_size": int(global_batch_size)}
   entropy = _stream_entropy(seed, split)
 
   if name in toy.TOY_DATASETS:
@@ -526,22 +658,23 @@ def make_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None, g
     batches = grain.MapDataset.range(sys.maxsize).map(
         _ToyBatch(name, entropy, global_batch_size, process_index, local_batch_size))
     return DataIterator(batches, grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
-                        identity=identity, element_shape=(2,), scaler=None, num_examples=None,
-                        num_batches=None, process_index=process_index, process_count=process_count)
+                        identity=identity, element_shape=(2,), scaler=None, num_batches=None,
+                        process_index=process_index, process_count=process_count)
 
-  source, features = _open_tfds_split(name, split, data_dir)
-  scaler = _resolve_scaler(scaler, _num_levels(name, features), dequantize)
+  source, info = _open_tfds_split(name, split, data_dir)
+  scaler = _resolve_scaler(scaler, _num_levels(name, info.features), dequantize)
   num_examples = len(source)
   if num_examples == 0:
     raise ValueError(f"make_dataset: split {split!r} of {name!r} is empty.")
-  preprocess = _preprocessing(name, image_size)
+  identity.update(version=str(info.version), num_examples=num_examples)
+  preprocess = _preprocessing(name, image_size, info.features["image"].shape)
   element_shape = preprocess(source[0])["image"].shape
   if name in DIGITS_NAMES:
-    examples = [preprocess(source[index]) for index in range(num_examples)]
+    examples = [preprocess(example) for example in source.__getitems__(list(range(num_examples)))]
     read_examples = _InMemoryExamples(np.stack([example["image"] for example in examples]),
                                       np.array([example["label"] for example in examples], np.int32))
   else:
-    read_examples = _SourceExamples(source, preprocess)
+    read_examples = _SourceExamples(source, preprocess, read_threads)
   shuffle_seed, flip_seed, noise_seed = (int(s) for s in np.random.SeedSequence(entropy).generate_state(3, np.uint64))
   batch_fn = _ImageBatches(
       read_examples, num_examples, element_shape, shuffle_seed=shuffle_seed if shuffle else None,
@@ -555,6 +688,6 @@ def make_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None, g
     num_batches = num_epochs * num_examples // global_batch_size
     batch_indices = grain.MapDataset.range(num_batches)
   return DataIterator(batch_indices.map(batch_fn),
-                      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches),
-                      identity=identity, element_shape=element_shape, scaler=scaler, num_examples=num_examples,
-                      num_batches=num_batches, process_index=process_index, process_count=process_count)
+                      grain.ReadOptions(num_threads=prefetch_batches, prefetch_buffer_size=prefetch_batches),
+                      identity=identity, element_shape=element_shape, scaler=scaler, num_batches=num_batches,
+                      process_index=process_index, process_count=process_count, on_close=read_examples.close)

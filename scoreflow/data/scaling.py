@@ -183,7 +183,10 @@ def uniform_dequantize(key: jax.Array, x_raw: jax.Array, dtype=jnp.float32) -> j
     dtype: floating dtype of the result.
 
   Returns:
-    `[*S]` values in :math:`[x_{raw}, x_{raw} + 1)`.
+    `[*S]` values in :math:`[x_{raw}, x_{raw} + 1)`: where `x_raw + u` rounds up to `x_raw + 1` in `dtype`
+    (`u` within half an ulp of 1, e.g. `u >= 1 - 2^{-17}` for float32 levels from 128), the largest value
+    below `x_raw + 1`.
   """
-  x_raw = jnp.asarray(x_raw)
-  return x_raw.astype(dtype) + jax.random.uniform(key, x_raw.shape, dtype)
+  levels = jnp.asarray(x_raw).astype(dtype)
+  cell_top = jnp.nextafter(levels + 1, levels)
+  return jnp.minimum(levels + jax.random.uniform(key, levels.shape, dtype), cell_top)
