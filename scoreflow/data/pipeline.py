@@ -181,32 +181,45 @@ def _dequantized(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np
 
   In float32 two roundings can push a value into the next cell: `l + u` rounds up to `l + 1` when `u` is
   within half an ulp of 1 (any `u >= 1 - 2^{-17}` for `l >= 128`), which at the top level gives `x = 1`,
-  outside the centred range `[-1, 1)`; and `s (l + u) + b` rounds again. So a rounded-up `l + u` becomes the
-  largest float32 below `l + 1`, and a value whose cell as :meth:`AffineScaler.to_levels` computes it,
-  :math:`\lfloor (x - b) / s \rfloor` in float32, is not `l` moves one float32 step at a time towards it (that
-  cell is monotone in `x`). Only values within a few ulps of a cell edge change.
+  outside the centred range `[-1, 1)`; and `s (l + u) + b` rounds again. Measured in levels, these roundings
+  and those of decoding, :math:`\lfloor (x - b) / s \rfloor` as :meth:`AffineScaler.to_levels` computes it,
+  move a value by a few ulps of :math:`\max(l, |b / s|)`, so only values with `u` that close to 0 or 1 can
+  land in another cell. Those are settled by :func:`_settle_in_cells`; all others are `s (l + u) + b` as is.
 
   Args:
-    levels: float32 `[*S]`, integer levels `l`.
+    levels: float32 `[*S]`, integer levels `l >= 0`.
     u: float32 `[*S]` in `[0, 1)`.
     scale, shift: :math:`s` and :math:`b` of the dequantized scaler, as float32.
 
   Returns:
     float32 `[*S]`.
   """
+  x = scale * (levels + u) + shift
+  margin = 64 * float(np.finfo(np.float32).eps) * (float(np.max(levels, initial=0)) + abs(float(shift / scale)) + 1)
+  near = np.flatnonzero((u < margin) | (u > 1 - margin))
+  if near.size:
+    x.reshape(-1)[near] = _settle_in_cells(levels.reshape(-1)[near], u.reshape(-1)[near], scale, shift)
+  return x
+
+
+def _settle_in_cells(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np.float32) -> np.ndarray:
+  """`s (l + u) + b` for `[N]` values near a cell edge, moved into the cell of `l` where rounding left it.
+
+  A rounded-up `l + u` becomes the largest float32 below `l + 1`; a value that still decodes to another level
+  moves one float32 step at a time towards its own cell (the decoded level is monotone in `x`).
+  """
   dequantized = levels + u
-  rounded_up = np.flatnonzero(dequantized - levels == 1)  # the difference is exact (Sterbenz)
-  dequantized.reshape(-1)[rounded_up] = np.nextafter(dequantized.reshape(-1)[rounded_up], np.float32(0))
+  rounded_up = dequantized - levels == 1  # The difference is exact (Sterbenz).
+  dequantized[rounded_up] = np.nextafter(dequantized[rounded_up], np.float32(0))
   x = scale * dequantized + shift
-  flat_x, flat_levels = x.reshape(-1), levels.reshape(-1)
   towards_higher_cells = np.float32(np.inf) * np.sign(scale)
   for _ in range(_MAX_CELL_STEPS):
     cells = np.floor((x - shift) / scale)
-    if np.array_equal(cells, levels):
+    wrong = cells != levels
+    if not wrong.any():
       return x
-    wrong = np.flatnonzero(cells != levels)
-    direction = np.where(cells.reshape(-1)[wrong] > flat_levels[wrong], -towards_higher_cells, towards_higher_cells)
-    flat_x[wrong] = np.nextafter(flat_x[wrong], direction)
+    x[wrong] = np.nextafter(x[wrong], np.where(cells[wrong] > levels[wrong], -towards_higher_cells,
+                                               towards_higher_cells))
   raise RuntimeError(f"make_dataset: dequantized values did not settle in their level's cell after "
                      f"{_MAX_CELL_STEPS} float32 steps (scale={scale}, shift={shift}); the scaler's cells are too "
                      "narrow for float32.")
