@@ -120,6 +120,58 @@ def test_time_grids(sde):
   assert sampling.time_grid(sde, 4, 1e-3, "uniform", jnp.float32).dtype == jnp.float32
 
 
+def test_half_precision_samples_keep_float32_times():
+  # A bfloat16 grid of 1000 steps would hold 254 distinct times: 747 steps with dt = 0, and NaN from
+  # DPM-Solver++(2M), whose step ratio h_{i-1} / h_i divides by such a zero step.
+  grid = sampling.time_grid(sf.VPSDE(), 1000, 1e-3, "uniform", jnp.bfloat16)
+  assert grid.dtype == jnp.float32 and np.unique(np.asarray(grid)).size == 1001
+  sde = sf.VPSDE()
+  exact = _mixture(jnp.float32).score(sde)
+  seen = []
+
+  def score_fn(x, t):
+    seen.append((x.dtype, t.dtype))
+    return exact(x.astype(jnp.float32), t)
+
+  for sampler, options in ((sf.dpm_solver_pp_sample, dict(num_steps=300, spacing="uniform")),
+                           (sf.pc_sample, dict(num_steps=50)), (sf.ode_sample, dict(method="euler", num_steps=20)),
+                           (sf.ddim_sample, dict(num_steps=20)), (sf.edm_sample, dict(num_steps=10))):
+    x, info = jax.jit(lambda key: sampler(key, sde, score_fn, (256, 2), dtype=jnp.bfloat16, **options),
+                      compiler_options=FAST_COMPILE)(jax.random.key(0))
+    assert x.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(x, np.float32))), sampler.__name__
+    assert set(seen) == {(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))}, sampler.__name__
+
+
+@pytest.mark.parametrize("sde", [sf.VPSDE(), sf.SubVPSDE(), sf.VESDE()], ids=lambda sde: type(sde).__name__)
+def test_pc_corrector_step_is_scaled_by_the_signal_one_step_keeps(sde):
+  # Song et al. (2021, Algorithm 5) scale the Langevin step by alpha_i = 1 - beta_i on VP. A corrector that
+  # multiplies x by the alpha it is given telescopes over the grid to (alpha(T) / alpha(eps))^2.
+  def scale_by_alpha(key, sde, score_fn, x, t, *, snr, n_steps, alpha):
+    return x * alpha[:, None], x
+
+  corrector = sampling.correctors.Corrector(scale_by_alpha, nfe_per_step=0)
+  x, _ = sf.pc_sample(jax.random.key(0), sde, lambda x, t: x, (3, 2), predictor="none", corrector=corrector,
+                      num_steps=7, eps=1e-3, denoise=False, dtype=jnp.float64, x_T=jnp.ones((3, 2)))
+  expected = np.exp(2 * (sde.log_alpha(1.0) - sde.log_alpha(1e-3)))
+  np.testing.assert_allclose(x, expected, rtol=1e-12)
+  assert (expected == 1.0) == isinstance(sde, sf.VESDE)
+  # One step of the discrete VP chain at N = 1000 keeps 1 - beta_i of the signal (to first order in beta_i).
+  step = np.exp(2 * (sf.VPSDE().log_alpha(0.5) - sf.VPSDE().log_alpha(0.5 - 1e-3)))
+  beta_i = sf.VPSDE().beta(0.5) * 1e-3
+  np.testing.assert_allclose(step, 1 - beta_i, atol=beta_i**2)
+
+
+def test_langevin_step_size_takes_alpha(getkey):
+  x = jax.random.normal(getkey(), (4, 3))
+  t = jnp.full((4,), 0.5)
+  score_fn = lambda x, t: -x  # noqa: E731
+  outputs = [sampling.correctors.langevin_corrector(jax.random.key(1), sf.VPSDE(), score_fn, x, t, snr=0.2,
+                                                    n_steps=1, alpha=alpha)[1] for alpha in (1.0, 0.5)]
+  # x_mean = x + eps * s = (1 - eps) x with eps = 2 alpha (r |z| / |s|)^2: the step shrinks with alpha.
+  eps_full, eps_half = (1 - np.asarray(out[0, 0] / x[0, 0]) for out in outputs)
+  np.testing.assert_allclose(eps_half, 0.5 * eps_full, rtol=1e-5)
+
+
 @pytest.mark.parametrize("sde", [sf.VPSDE(), sf.VESDE()], ids=lambda sde: type(sde).__name__)
 def test_edm_sigmas_follow_karras_eq5(sde):
   sigmas = sampling.edm_sigmas(sde, 8, rho=7.0, eps=1e-3, dtype=jnp.float64)

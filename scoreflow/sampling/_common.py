@@ -46,16 +46,17 @@ def time_grid(sde: AbstractSDE, num_steps: int, eps=1e-3, spacing: Spacing = "un
     eps: the last time :math:`\epsilon \in (0, T)`.
     spacing: `"uniform"` (equal steps in `t`) or `"log_snr"` (equal steps in :math:`\lambda`, mapped back with
       :meth:`~scoreflow.sde.AbstractSDE.t_from_log_snr`; Lu et al. 2022). The end points are exact in both.
-    dtype: floating dtype of the grid.
+    dtype: the samples' floating dtype; the grid is in :func:`time_dtype` of it (at least float32).
 
   Returns:
-    `[N + 1]` times in `dtype`.
+    `[N + 1]` times in `time_dtype(dtype)`.
 
   Raises:
     ValueError: for `num_steps < 1`, an `eps` outside `(0, T)` or an unknown `spacing`.
   """
   check_num_steps("time_grid", num_steps)
   check_eps("time_grid", sde, eps)
+  dtype = time_dtype(dtype)
   T = jnp.asarray(sde.T, dtype)
   eps = jnp.asarray(eps, dtype)
   if spacing == "uniform":
@@ -85,9 +86,19 @@ def finish(sde: AbstractSDE, score_fn: ScoreFn, x, eps, denoise: bool, info: Sam
   return score_to_x0(sde, score_fn(x, t), x, t), info._replace(nfe=info.nfe + 1)
 
 
+def time_dtype(dtype):
+  """The dtype of sampling times for samples in `dtype`: `dtype`, but at least float32.
+
+  A bfloat16 grid of 1000 steps on [1e-3, 1] holds only 254 distinct times (most steps would have `dt = 0`),
+  and float16 spaces them unevenly, so times stay in float32 when the samples are in a half-precision dtype;
+  coefficients that multiply the samples are cast to their dtype where they meet them.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def batch_time(t, x):
-  """A scalar time broadcast to `[B]` in the dtype of `x: [B, *D]`."""
-  return jnp.full(x.shape[:1], t, x.dtype)
+  """A scalar time broadcast to `[B]` in :func:`time_dtype` of `x: [B, *D]`."""
+  return jnp.full(x.shape[:1], t, time_dtype(x.dtype))
 
 
 def initial_state(key, sde: AbstractSDE, shape, dtype, x_T, owner: str):

@@ -106,6 +106,6 @@ def dpm_solver_pp_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, num
               - per_example(sde.alpha(t_next) * jnp.expm1(-h), x) * x0_used)
     return (x_next, x0, h), None
 
-  carry = (x, jnp.zeros_like(x), jnp.ones(shape[:1], dtype))
+  carry = (x, jnp.zeros_like(x), jnp.ones(shape[:1], _common.time_dtype(dtype)))
   (x, _, _), _ = jax.lax.scan(step, carry, (jnp.arange(num_steps), times[:-1], times[1:]))
   return _common.finish(sde, score_fn, x, eps, denoise, _common.fixed_step_info(num_steps, num_steps))

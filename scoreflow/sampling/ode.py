@@ -135,11 +135,11 @@ def ode_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, method: OdeMe
 
     def euler_step(x, ts):
       t, t_next = ts
-      return x + (t_next - t) * velocity(x, t), None
+      return x + (t_next - t).astype(x.dtype) * velocity(x, t), None
 
     def heun_step(x, ts):
       t, t_next = ts
-      h = t_next - t
+      h = (t_next - t).astype(x.dtype)
       slope = velocity(x, t)
       slope_next = velocity(x + h * slope, t_next)
       return x + 0.5 * h * (slope + slope_next), None

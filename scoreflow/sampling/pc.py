@@ -97,10 +97,11 @@ def pc_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *,
   run_predictor = predictor.update is not none_predictor
   run_corrector = corrector.update is not none_corrector and n_corrector_steps > 0
 
-  def correct(key, x, t):
+  def correct(key, x, t, alpha):
     if not run_corrector:
       return x
-    x, _ = corrector.update(key, sde, score_fn, x, _common.batch_time(t, x), snr=snr, n_steps=n_corrector_steps)
+    x, _ = corrector.update(key, sde, score_fn, x, _common.batch_time(t, x), snr=snr, n_steps=n_corrector_steps,
+                            alpha=_common.batch_time(alpha, x))
     return x
 
   def predict(key, x, t, t_next):
@@ -112,10 +113,13 @@ def pc_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *,
   def step(x, inputs):
     step_key, t, t_next = inputs
     key_predictor, key_corrector = jax.random.split(step_key)
+    # The signal that one forward step of the grid keeps, (alpha(t) / alpha(t_next))^2: 1 - beta_i for the VP and
+    # sub-VP SDEs, 1 for VE; the Langevin correctors scale their step by it (Song et al. 2021, Algorithm 5).
+    alpha = jnp.exp(2 * (sde.log_alpha(t) - sde.log_alpha(t_next)))
     if corrector_first and run_predictor:
-      x = predict(key_predictor, correct(key_corrector, x, t), t, t_next)
+      x = predict(key_predictor, correct(key_corrector, x, t, alpha), t, t_next)
     else:
-      x = correct(key_corrector, predict(key_predictor, x, t, t_next), t_next)
+      x = correct(key_corrector, predict(key_predictor, x, t, t_next), t_next, alpha)
     return x, None
 
   x, _ = jax.lax.scan(step, x, (jax.random.split(key_steps, num_steps), times[:-1], times[1:]))
