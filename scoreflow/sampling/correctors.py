@@ -10,8 +10,8 @@ with `x: [B, *D]` and `t: [B]`, running `n_steps` Langevin steps (`n_steps` a Py
 state and its noise-free mean. `alpha` (`[B]`, or a scalar) scales the step size: Song et al. (2021,
 Algorithms 4 and 5) use :math:`\alpha_i = 1 - \beta_i`, the signal kept by one step of the discrete VP chain, for
 the VP and sub-VP SDEs and 1 for the VE SDE; :func:`~scoreflow.sampling.pc_sample` passes the SDE's one-step
-factor :math:`(\alpha(t_i)/\alpha(t_{i+1}))^2` of its grid, which is that. :data:`CORRECTORS` maps the names that :func:`~scoreflow.sampling.pc_sample`
-accepts to :class:`Corrector` records.
+factor :math:`(\alpha(t_i)/\alpha(t_{i+1}))^2` of its grid, which is that. :data:`CORRECTORS` maps the names
+that :func:`~scoreflow.sampling.pc_sample` accepts to :class:`Corrector` records.
 
 References:
   Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through Stochastic
