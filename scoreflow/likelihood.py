@@ -411,6 +411,10 @@ def _check_state(name, x, what):
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{name}: {what} must be floating point, got dtype {x.dtype}; dequantize integer data "
                      "first (see scoreflow.dequantize).")
+  if jnp.finfo(x.dtype).bits < 32:
+    raise ValueError(f"{name}: {what} must be float32 or float64, got {x.dtype}: the adaptive ODE solve and its "
+                     "divergence integral need more than a half-precision mantissa. Cast it to float32 (the score "
+                     "network may still compute in bfloat16).")
 
 
 def _check_solve_options(name, sde, score_fn, eps, rtol, atol, max_steps):

@@ -174,6 +174,7 @@ def _score_fn(x, t):
 @pytest.mark.parametrize("kwargs, x, match", [
     (dict(), jnp.zeros((4,)), r"x must have shape \[B, \*D\]"),
     (dict(), jnp.zeros((4, 3), jnp.int32), "x must be floating point"),
+    (dict(), jnp.zeros((4, 3), jnp.bfloat16), "x must be float32 or float64, got bfloat16"),
     (dict(divergence="trace"), jnp.zeros((4, 3)), "divergence must be 'hutchinson' or 'exact'"),
     (dict(probe="sphere"), jnp.zeros((4, 3)), "probe must be 'rademacher' or 'gaussian'"),
     (dict(num_probes=0), jnp.zeros((4, 3)), "num_probes must be an int >= 1"),
