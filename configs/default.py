@@ -35,15 +35,17 @@ Sections (each is read in one place, `scoreflow.train.builders`):
     `num_steps`, `dpm_order` 1 or 2, `dpm_spacing` log_snr or time); `eps` the last time,
     `num_samples`, `use_ema`.
   eval: run_eval.py. checkpoints "latest" | "all" | "2000" | "1000,3000" | inclusive "1000:5000"; use_ema (else raw
-    params); tasks, comma-separated: bpd, samples, fid (FID/IS/KID), digits (digits classifier metric), quality
-    (digits on digits, fid on other images); seed (dequantization, probe and sampler noise, the same for every
-    checkpoint); batch_size (likelihood and Inception batches); output_dir ("": workdir/eval); cache_dir ("":
-    output_dir/cache); progress_bar. bpd: split, num_examples (0: whole split; required for toy data), num_repeats
+    params); tasks, comma-separated: bpd, samples, fid (FID/IS/KID), digits (digits classifier metric), quality (digits
+    on digits, fid on other images); seed (dequantization, probe and sampler noise, the same for every checkpoint);
+    batch_size (likelihood and Inception batches); output_dir ("": workdir/eval); cache_dir ("": output_dir/cache);
+    progress_bar; allow_config_mismatch (False: a model-defining field -- model, sde, parameterization,
+    data.name/scaler/dequantize/image_size -- that differs from the workdir's config.json is an error; True: a warning,
+    and the results are kept apart). bpd: split, num_examples (0: whole split; required for toy data), num_repeats
     (dequantization draws), divergence hutchinson|exact, probe, num_probes, rtol, atol, eps, solver, max_steps,
-    per_example. samples: num_samples drawn with config.sampling in shards of shard_size, grid_size for the PNG.
-    fid: inception_path (pytorch-fid weights converted to .npz; nothing is downloaded), reference_split,
-    reference_num_examples (0: all), kid_reference_size, kid_num_subsets, kid_subset_size, is_num_splits.
-    digits: reference_split, classifier_steps, classifier_seed.
+    per_example. samples: num_samples drawn with config.sampling in shards of shard_size, grid_size for the PNG. fid:
+    inception_path (pytorch-fid weights converted to .npz; nothing is downloaded), reference_split,
+    reference_num_examples (0: all), kid_reference_size, kid_num_subsets, kid_subset_size, is_num_splits. digits:
+    reference_split, classifier_steps, classifier_seed.
 """
 
 import ml_collections

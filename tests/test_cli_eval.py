@@ -73,6 +73,12 @@ def test_train_then_evaluate_then_resume(tmp_path):
   assert missing.returncode != 0
   assert "no checkpoint for step(s) [7]; available steps: [60]" in missing.stderr
 
+  # A model-defining field that differs from the run's config.json is refused, naming it and the way out.
+  mismatched = run_script("run_eval.py", *args, "--config.sde.beta_max=10.0")
+  assert mismatched.returncode != 0
+  assert "config.sde.beta_max: 20.0 in the workdir's config.json, 10.0 in --config" in mismatched.stderr
+  assert "--config.eval.allow_config_mismatch=True" in mismatched.stderr
+
 
 def test_help_lists_the_flags():
   result = run_script("run_eval.py", "--help")

@@ -76,6 +76,26 @@ def test_model_space_samples_read_back_exactly(digits, dequantized):
   assert via_scaler.mean_confidence == pytest.approx(direct.mean_confidence, rel=1e-5)
 
 
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_samples_are_rounded_to_levels_as_real_digits_are(digits, dequantized):
+  """A sample anywhere in the cell of level v (its nearest-level cell, or [v, v + 1) of a dequantized scaler) is
+  the digit with level v, as its image file would be: the classifier sees exactly the real digit."""
+  classifier, _, test_images, _, reference = digits
+  scaler = AffineScaler.centred(17, dequantized=dequantized)
+  levels = np.rint(test_images * 16)
+  u = np.random.default_rng(1).uniform(size=levels.shape)
+  # Offsets inside each cell, away from its edges by 1e-3 of a level (float32 keeps ~1e-6 of a level here).
+  offsets = 0.001 + 0.998 * u if dequantized else 0.499 * (2 * u - 1)
+  samples = scaler.forward((levels + offsets).astype(np.float32))
+  np.testing.assert_array_equal(to_unit_intensity(samples, scaler), test_images)
+  np.testing.assert_array_equal(digits_features(classifier, samples, scaler=scaler)[0],
+                                digits_features(classifier, test_images)[0])
+  direct = evaluate_digits_samples(classifier, test_images, reference)
+  assert evaluate_digits_samples(classifier, samples, reference, scaler=scaler) == direct
+  # Outside the range: clipped to the extreme levels.
+  np.testing.assert_array_equal(to_unit_intensity(np.array([-3.0, 3.0], np.float32), scaler), [0.0, 1.0])
+
+
 def test_features_are_pure_and_compile_once(digits):
   classifier, _, test_images, _, _ = digits
   # A fresh function: jit caches are shared by every jax.jit of the same function object.

@@ -1,8 +1,11 @@
 """Evaluation of trained runs: bits/dim against closed forms, sample shards, resume after interruption, checkpoint
 choice and mismatches, and the digits metric on a trained versus an untrained model."""
 
+import dataclasses
+import glob
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -17,7 +20,7 @@ if REPO not in sys.path:
 from configs import default, digits_vp, toy_2d  # noqa: E402
 
 import scoreflow as sf  # noqa: E402
-from scoreflow.data import make_dataset  # noqa: E402
+from scoreflow.data import AffineScaler, make_dataset  # noqa: E402
 from scoreflow.evaluate import run  # noqa: E402
 from scoreflow.likelihood import bits_per_dim, dequantize  # noqa: E402
 from scoreflow.testing.analytic import GaussianMixture  # noqa: E402
@@ -52,6 +55,18 @@ def toy_config(**eval_fields):
       node = node[section]
     node[field] = value
   return config
+
+
+def digits_config(tmp_path, **eval_fields):
+  """The digits config with a tiny MLP, a 4-step DDIM sampler and cheap evaluation settings."""
+  config = toy_config(**eval_fields)
+  digits = with_eval(digits_vp.get_config())
+  digits.model, digits.sampling, digits.eval = config.model, config.sampling, config.eval
+  digits.data.data_dir = str(tmp_path / "tfds")
+  digits.sampling.num_steps = 4
+  digits.eval.samples.num_samples = 32  # Two shards of 16.
+  digits.eval.digits.classifier_steps = 100
+  return digits
 
 
 def write_run(workdir, config, steps, *, raw_params_scale=0.0, element_shape=(2,)):
@@ -233,6 +248,170 @@ def test_sample_shards_count_shapes_resume_and_extension(tmp_path):
   np.testing.assert_array_equal(run.load_samples(directory, 60, 16)[:40], samples)
 
 
+def _shards_with_nonfinite_samples(directory, all_bad=False):
+  """40 samples `[4, 4, 1]` in shards of 16; shard 1 holds two NaN samples (1 and 2 in it) and one with an inf
+  pixel (7), i.e. samples 17, 18 and 23."""
+  def sample_shard(index):
+    x = np.random.default_rng(index).uniform(-1.2, 1.2, (16, 4, 4, 1)).astype(np.float32)
+    if all_bad:
+      x[:] = np.nan
+    elif index == 1:
+      x[[1, 2]] = np.nan
+      x[7, 2, 3, 0] = np.inf
+    return x, {"nfe": np.int32(10), "status": np.int32(0)}
+
+  return run.generate_samples(sample_shard, str(directory), num_samples=40, shard_size=16)
+
+
+def test_shard_outputs_read_each_shard_once_and_leave_out_nonfinite_samples(tmp_path, monkeypatch):
+  result = _shards_with_nonfinite_samples(tmp_path / "samples")
+  assert result.num_nonfinite == 3
+  assert "warning: 3 of 40 samples hold NaN or infinite values" in run.format_results(
+      {"step": 1, "params": "ema", "checkpoint": "c", "samples": {**result.to_dict(), "sampler": {
+          "method": "ddim", "options": {}}}})
+  scaler = AffineScaler.centred(256)
+  rng = np.random.default_rng(0)
+  to_pool, to_logits = rng.standard_normal((16, 5)), rng.standard_normal((16, 3))
+
+  def outputs(images):  # A fixed network of the images' pixels.
+    pixels = images.reshape(images.shape[0], -1).astype(np.float64) / 255
+    return np.tanh(pixels @ to_pool), pixels @ to_logits
+
+  loaded, load = [], run._load_npz
+  monkeypatch.setattr(run, "_load_npz", lambda path: loaded.append(os.path.basename(path)) or load(path))
+  directory = str(tmp_path / "samples")
+  pool, logits, nonfinite = run.shard_outputs(outputs, directory, "net", 40, 16, scaler.to_uint8)
+  assert [name for name in loaded if name.startswith("shard_")] == [f"shard_{i:05d}.npz" for i in range(3)]
+  samples = run.load_samples(directory, 40, 16)
+  finite = np.ones(40, bool)
+  finite[[17, 18, 23]] = False
+  np.testing.assert_array_equal(run.finite_rows(samples), finite)
+  expected_pool, expected_logits = outputs(scaler.to_uint8(samples[finite]))
+  assert nonfinite == 3 and pool.shape == (37, 5) and logits.shape == (37, 3)
+  np.testing.assert_allclose(pool, expected_pool, rtol=1e-6, atol=1e-6)  # Cached in float32.
+  np.testing.assert_allclose(logits, expected_logits, rtol=1e-6, atol=1e-6)
+
+  loaded.clear()  # Cached per shard: no shard is read again; fewer samples cut the cached outputs.
+  again = run.shard_outputs(outputs, directory, "net", 40, 16, scaler.to_uint8)
+  first_20 = run.shard_outputs(outputs, directory, "net", 20, 16, scaler.to_uint8)
+  assert not [name for name in loaded if name.startswith("shard_")]
+  np.testing.assert_array_equal(again[0], pool)
+  assert first_20[2] == 2 and first_20[0].shape == (18, 5)
+  np.testing.assert_array_equal(first_20[0], pool[:18])
+
+  _shards_with_nonfinite_samples(tmp_path / "broken", all_bad=True)
+  with pytest.raises(ValueError, match=r"all 40 samples in .*broken hold NaN or infinite values"):
+    run.shard_outputs(outputs, str(tmp_path / "broken"), "net", 40, 16, scaler.to_uint8)
+
+
+# --- Reference statistics: resumable, cached, keyed. -------------------------------------------------------
+
+
+def test_reference_statistics_resume_after_an_interruption(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (70, 4, 4, 3), dtype=np.uint8)
+  projection = rng.standard_normal((48, 6))
+
+  def features(batch):  # A fixed feature map of the pixels.
+    return np.tanh(batch.reshape(batch.shape[0], -1) / 255.0 @ projection)
+
+  starts, computed = [], []
+
+  def batches(start):  # The images in batches of 8 from `start` on, as a dataset stream yields them.
+    starts.append(start)
+    for begin in range(start, len(images), 8):
+      yield images[begin:begin + 8]
+
+  def counted(batch):
+    computed.append(batch.shape[0])
+    return features(batch)
+
+  kwargs = dict(num_examples=60, num_features=6, kid_reference_size=20, save_every=2)
+  straight = run.reference_statistics(features, batches, str(tmp_path / "a" / "moments.npz"),
+                                      kid_path=str(tmp_path / "a" / "kid.npz"), **kwargs)
+  direct = features(images[:60])
+  assert straight.num_examples == 60 and straight.features.shape == (20, 6)
+  np.testing.assert_allclose(straight.mu, direct.mean(axis=0), rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(straight.sigma, np.cov(direct.T), rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(straight.features, direct[:20], rtol=1e-6)  # Kept in float32.
+
+  def dies_in_batch_6(batch):
+    if len(computed) == 5:  # The state after batch 4 was saved (every 2 batches); batch 5 is lost.
+      raise KeyboardInterrupt
+    return counted(batch)
+
+  directory = tmp_path / "b"
+  with pytest.raises(KeyboardInterrupt):
+    run.reference_statistics(dies_in_batch_6, batches, str(directory / "moments.npz"),
+                             kid_path=str(directory / "kid.npz"), **kwargs)
+  assert sorted(os.listdir(directory)) == ["moments.partial.npz"]
+  starts.clear()
+  computed.clear()
+  resumed = run.reference_statistics(counted, batches, str(directory / "moments.npz"),
+                                     kid_path=str(directory / "kid.npz"), **kwargs)
+  assert starts == [32] and computed == [8, 8, 8, 4]  # Images 32 .. 59 only.
+  assert sorted(os.listdir(directory)) == ["kid.npz", "moments.npz"]
+  for name in ("mu", "sigma", "features"):  # The same moments merged in the same order: bit for bit.
+    np.testing.assert_array_equal(getattr(resumed, name), getattr(straight, name))
+  assert resumed.num_examples == 60
+
+  # Another KID size reads only the images it keeps and leaves the moments alone; cached files read no image.
+  stamp = os.stat(directory / "moments.npz").st_mtime_ns
+  starts.clear()
+  computed.clear()
+  smaller = run.reference_statistics(counted, batches, str(directory / "moments.npz"),
+                                     kid_path=str(directory / "kid12.npz"), **{**kwargs, "kid_reference_size": 12})
+  assert starts == [0] and computed == [8, 4] and os.stat(directory / "moments.npz").st_mtime_ns == stamp
+  np.testing.assert_array_equal(smaller.features, straight.features[:12])
+  np.testing.assert_array_equal(smaller.sigma, straight.sigma)
+  starts.clear()
+  run.reference_statistics(counted, batches, str(directory / "moments.npz"), kid_path=str(directory / "kid.npz"),
+                           **kwargs)
+  assert starts == []
+  with pytest.raises(ValueError, match=r"the images ended after 70 of 80"):
+    run.reference_statistics(features, batches, str(tmp_path / "c.npz"), num_examples=80, num_features=6)
+
+
+def test_reference_images_start_anywhere(tmp_path):
+  from scoreflow.evaluate import load_digits_split
+
+  config = with_eval(digits_vp.get_config())
+  config.data.data_dir = str(tmp_path / "tfds")
+  images = run.reference_images(builders.build_experiment(config).data, "train", 8)
+  levels = np.rint(load_digits_split("train", data_dir=config.data.data_dir)[0][:40] * 16)
+  expected = np.rint(levels * (255 / 16)).astype(np.uint8)  # The 17 levels stretched to 8 bits, exactly.
+  stream = images(0)
+  np.testing.assert_array_equal(np.concatenate([next(stream) for _ in range(5)]), expected)
+  stream.close()
+  stream = images(20)  # Batches 0 and 1 are skipped unread; batch 2 starts 4 images in.
+  parts = [next(stream) for _ in range(3)]
+  stream.close()
+  assert [part.shape[0] for part in parts] == [4, 8, 8] and parts[0].dtype == np.uint8
+  np.testing.assert_array_equal(np.concatenate(parts), expected[20:40])
+
+
+def test_inception_reference_files_are_named_by_their_data(tmp_path):
+  config = with_eval(digits_vp.get_config())
+  config.data.data_dir = str(tmp_path / "tfds")
+  data, fid = builders.build_experiment(config).data, run.build_eval_settings(config).fid
+  fid = dataclasses.replace(fid, kid_reference_size=100)
+
+  def paths(data=data, fid=fid, num_examples=1000, version="1.0.0", weights_digest="0123abcd"):
+    return run.inception_reference_paths(str(tmp_path), data, fid, num_examples=num_examples, version=version,
+                                         weights_digest=weights_digest)
+
+  moments, kid = paths()
+  assert os.path.basename(moments).startswith("inception_moments-digits-train-1000-")
+  assert os.path.basename(kid).startswith("inception_kid-digits-train-100-")
+  for changed in (paths(version="1.0.1"), paths(data=dataclasses.replace(data, data_dir=str(tmp_path / "other"))),
+                  paths(data=dataclasses.replace(data, image_size=16)), paths(weights_digest="ffff0000"),
+                  paths(fid=dataclasses.replace(fid, reference_split="test"))):
+    assert changed[0] != moments and changed[1] != kid
+  assert paths(fid=dataclasses.replace(fid, kid_reference_size=50)) == (moments, kid.replace("-100-", "-50-"))
+  assert paths(num_examples=500)[1] == kid  # The KID features are those of the first 100 images either way.
+  assert paths(fid=dataclasses.replace(fid, kid_reference_size=0)) == (moments, None)
+
+
 # --- evaluate(config, workdir) on a run. --------------------------------------------------------------------
 
 
@@ -313,7 +492,7 @@ def test_evaluate_chosen_checkpoints_and_raw_parameters(tmp_path):
   summary = run.evaluate(config, tmp_path / "run")
   assert [r["step"] for r in summary["checkpoints"]] == [0, 5]
   assert all(r["params"] == "raw" and "samples" not in r for r in summary["checkpoints"])
-  assert os.path.isdir(tmp_path / "run" / "eval" / "step_5-raw")
+  assert summary["checkpoints"][1]["directory"] in glob.glob(str(tmp_path / "run" / "eval" / "step_5-raw-*"))
   # The raw parameters are not the zero network: their bits/dim is not the closed form of the EMA ones.
   expected = _toy_closed_form_bpd(config, 16).mean()
   assert abs(summary["checkpoints"][0]["bpd"]["mean"] - expected) > 1e-2
@@ -325,12 +504,134 @@ def test_mismatched_checkpoint_names_the_fields(tmp_path):
   write_run(tmp_path / "run", trained, steps=[3])
   config = toy_config()
   config.model.width = 24
+  with pytest.raises(CheckpointError, match="allow_config_mismatch=True") as error:
+    run.evaluate(config, tmp_path / "run")  # Refused from config.json alone, before any checkpoint is read.
+  assert "config.model.width: 16 in the workdir's config.json, 24 in --config" in str(error.value)
+  config.eval.allow_config_mismatch = True
   with pytest.raises(CheckpointError) as error:
     run.evaluate(config, tmp_path / "run")
   message = str(error.value)
   assert "config.model.width: 16 in the workdir's config.json, 24 in --config" in message
   assert "checkpoint has shape/dtype ((16,), 'float32'), the model expects ((24,), 'float32')" in message
   assert not os.path.exists(tmp_path / "run" / "eval" / "summary.json")
+
+
+def test_a_model_mismatch_is_an_error_and_never_shares_caches(tmp_path, capsys):
+  """A mistaken --config.sde.beta_max (the shapes fit) is refused; allowed, its samples and bits/dim are kept
+  apart, so the evaluation with the run's own configuration computes its own."""
+  config = toy_config(tasks="bpd,samples", **{"bpd.num_examples": 16})
+  workdir = tmp_path / "run"
+  write_run(workdir, config, steps=[4])
+  wrong = toy_config(tasks="bpd,samples", **{"bpd.num_examples": 16})
+  wrong.sde.beta_max = 10.0
+  with pytest.raises(CheckpointError, match=r"(?s)config.sde.beta_max: 20.0 in the workdir's config.json, 10.0 in "
+                                            r"--config.*--config.eval.allow_config_mismatch=True"):
+    run.evaluate(wrong, workdir)
+  assert not os.path.exists(workdir / "eval")  # Nothing was computed.
+
+  wrong.eval.allow_config_mismatch = True
+  mistaken = run.evaluate(wrong, workdir)["checkpoints"][0]
+  assert "warning: config.sde.beta_max is 10.0 here but 20.0" in capsys.readouterr().out
+  right = run.evaluate(config, workdir)["checkpoints"][0]
+  assert right["samples"]["computed_shards"] == 3 and right["samples"]["reused_shards"] == 0
+  assert right["bpd"]["computed_batches"] == 1 and right["bpd"]["reused_batches"] == 0
+  assert right["directory"] != mistaken["directory"]
+  assert right["bpd"]["mean"] != mistaken["bpd"]["mean"]
+  x_right = run.load_samples(right["samples"]["directory"], 40, 16)
+  x_wrong = run.load_samples(mistaken["samples"]["directory"], 40, 16)
+  assert np.max(np.abs(x_right - x_wrong)) > 0.1
+  # Each setup finds its own results again.
+  again = run.evaluate(wrong, workdir)["checkpoints"][0]
+  assert again["directory"] == mistaken["directory"] and again["samples"]["reused_shards"] == 3
+  np.testing.assert_array_equal(run.load_samples(again["samples"]["directory"], 40, 16), x_wrong)
+  settings = json.loads(open(os.path.join(right["directory"], "settings.json")).read())
+  assert settings["model"]["sde.beta_max"] == 20.0 and settings["checkpoint"] == str(workdir / "checkpoints" / "4")
+
+
+def test_a_checkpoint_written_again_gets_its_own_caches(tmp_path):
+  """Another training run in the same workdir writes a new checkpoint at the same step: nothing of the first one's
+  evaluation is reused. A copy of the workdir keeps its checkpoints' identity."""
+  config = toy_config(tasks="samples")
+  workdir = tmp_path / "run"
+  write_run(workdir, config, steps=[4])
+  first = run.evaluate(config, workdir)["checkpoints"][0]
+  shutil.copytree(workdir / "checkpoints", tmp_path / "copy" / "checkpoints")
+  shutil.copy(workdir / "config.json", tmp_path / "copy" / "config.json")
+  shutil.rmtree(workdir / "checkpoints")
+  write_run(workdir, config, steps=[4])
+  second = run.evaluate(config, workdir)["checkpoints"][0]
+  assert second["samples"]["computed_shards"] == 3 and second["directory"] != first["directory"]
+  config.eval.output_dir = str(workdir / "eval")
+  copied = run.evaluate(config, tmp_path / "copy")["checkpoints"][0]
+  assert copied["directory"] == first["directory"] and copied["samples"]["reused_shards"] == 3
+
+
+def test_fid_inputs_are_checked_before_any_checkpoint_is_read(tmp_path):
+  from scoreflow.evaluate import init_fid_inception, save_fid_inception
+
+  config = digits_config(tmp_path, tasks="fid")
+  bad = tmp_path / "not_inception.npz"
+  np.savez(bad, **{"fc.weight": np.zeros((10, 2048), np.float32), "head.bias": np.zeros(3, np.float32)})
+  config.eval.fid.inception_path = str(bad)
+  with pytest.raises(builders.ConfigError, match=r"(?s)not_inception\.npz'?: .*fc\.weight: expected shape "
+                                                 r"\(1008, 2048\), got \(10, 2048\); missing Conv2d_1a_3x3.*"
+                                                 r"convert_pytorch_fid_weights"):
+    run.build_eval_settings(config)
+  weights = tmp_path / "fid_inception.npz"
+  save_fid_inception(weights, init_fid_inception(0))
+  config.eval.fid.inception_path = str(weights)
+  run.build_eval_settings(config)  # The real network's arrays pass.
+
+  workdir = tmp_path / "run"
+  write_run(workdir, config, steps=[1], element_shape=(8, 8, 1))
+  config.eval.fid.reference_split = "validation"
+  with pytest.raises(ValueError, match=r"config.eval.fid.reference_split='validation': make_dataset: split "
+                                       r"'validation' does not exist"):
+    run.evaluate(config, workdir)
+  config.eval.tasks = "digits"
+  config.eval.digits.reference_split = "tain"
+  with pytest.raises(ValueError, match=r"config.eval.digits.reference_split='tain'"):
+    run.evaluate(config, workdir)
+  assert not os.path.exists(workdir / "eval")  # No sample was drawn.
+
+
+def test_a_dequantized_run_decodes_samples_with_its_training_scaler(tmp_path):
+  """Trained on dequantized levels (v + u) / 17, samples decode by the floor of 17 steps: the grid and the digits
+  metric use that scaler, not the levels one (2 / 16 steps, rounded). Non-finite samples are left out."""
+  import PIL.Image
+  from scoreflow.evaluate import evaluate_digits_samples, load_digits_classifier, load_statistics
+  from scoreflow.train import visualize
+
+  config = digits_config(tmp_path, tasks="digits")
+  config.data.dequantize = True
+  config.sde.beta_max = 0.5  # alpha(1) = 0.86: the zero network's samples x_T alpha(eps)/alpha(1) mostly in range.
+  workdir = tmp_path / "run"
+  write_run(workdir, config, steps=[2], element_shape=(8, 8, 1))
+  record = run.evaluate(config, workdir)["checkpoints"][0]
+  directory = record["samples"]["directory"]
+  samples = run.load_samples(directory, 32, 16)
+  trained = AffineScaler.centred(17, dequantized=True)
+  levels = AffineScaler.centred(17)
+  # The two decodings disagree on many pixels of these samples (by a level, up to 8 of 255 intensity steps).
+  assert np.mean(trained.to_levels(samples) != levels.to_levels(samples)) > 0.1
+  grid = np.asarray(PIL.Image.open(record["samples"]["grid"]))
+  np.testing.assert_array_equal(grid, visualize.sample_picture(samples[:16], trained))
+
+  classifier = load_digits_classifier(record["digits"]["classifier"])
+  reference = load_statistics(record["digits"]["reference"])
+  expected = evaluate_digits_samples(classifier, samples, reference, scaler=trained)
+  assert record["digits"]["fd"] == expected.fd and record["digits"]["num_nonfinite_samples"] == 0
+  assert record["digits"]["fd"] != evaluate_digits_samples(classifier, samples, reference, scaler=levels).fd
+
+  shard = dict(np.load(os.path.join(directory, "shard_00001.npz")))
+  shard["samples"][:5] = np.nan  # As a diverged sampler leaves them: samples 16 .. 20.
+  run.atomic_savez(os.path.join(directory, "shard_00001.npz"), shard)
+  again = run.evaluate(config, workdir)["checkpoints"][0]
+  assert again["samples"]["reused_shards"] == 2 and again["samples"]["num_nonfinite"] == 5
+  assert again["digits"]["num_nonfinite_samples"] == 5 and again["digits"]["num_examples"] == 27
+  kept = np.concatenate([samples[:16], samples[21:]])
+  assert again["digits"]["fd"] == evaluate_digits_samples(classifier, kept, reference, scaler=trained).fd
+  assert "(5 non-finite samples left out)" in run.format_results(again)
 
 
 # --- The digits metric on a trained and an untrained model. ---------------------------------------------------
@@ -381,7 +682,6 @@ def test_digits_metric_of_a_trained_run_beats_the_untrained_one(tmp_path):
 
 @pytest.mark.slow
 def test_inception_metrics_of_a_run_are_cached_and_consistent(tmp_path):
-  from scoreflow.data import AffineScaler
   from scoreflow.evaluate import fid_inception_outputs, init_fid_inception, load_statistics, save_fid_inception
 
   weights, variables = tmp_path / "fid_inception.npz", init_fid_inception(0)
@@ -410,7 +710,9 @@ def test_inception_metrics_of_a_run_are_cached_and_consistent(tmp_path):
   assert np.isfinite(fid["fid"]) and fid["fid"] > 0 and 1 <= fid["inception_score"] <= 1008
   assert np.isfinite(fid["kid"]) and fid["kid_std"] >= 0
   reference = load_statistics(fid["reference"])
-  assert reference.num_examples == 20 and reference.features.shape == (16, 2048)
+  assert reference.num_examples == 20 and reference.features is None and fid["num_nonfinite_samples"] == 0
+  assert np.load(fid["kid_reference"])["features"].shape == (16, 2048)
+  assert not [name for name in os.listdir(os.path.dirname(fid["reference"])) if "partial" in name]
 
   # Independently: the samples as 8-bit images through the network give the cached features.
   images = AffineScaler.centred(17).to_uint8(run.load_samples(directory, 12, 8))
@@ -422,7 +724,8 @@ def test_inception_metrics_of_a_run_are_cached_and_consistent(tmp_path):
                              rtol=1e-5, atol=1e-6)
 
   # A second evaluation reuses the reference statistics and the metrics (the 2048-d Fréchet distance is slow).
-  files = [fid["reference"]] + [os.path.join(directory, f) for f in os.listdir(directory) if f.startswith("fid-")]
+  files = [fid["reference"], fid["kid_reference"]] + [os.path.join(directory, f) for f in os.listdir(directory)
+                                                      if f.startswith("fid-")]
   stamps = [os.stat(path).st_mtime_ns for path in files]
   again = run.evaluate(config, workdir)["checkpoints"][0]["fid"]
   assert [os.stat(path).st_mtime_ns for path in files] == stamps and again["fid"] == fid["fid"] and again["reused"]

@@ -19,6 +19,7 @@ from scoreflow.evaluate.inception import FID_INCEPTION_NUM_FEATURES as FID_INCEP
 from scoreflow.evaluate.inception import FIDInceptionV3 as FIDInceptionV3
 from scoreflow.evaluate.inception import INCEPTION_INPUT_SIZE as INCEPTION_INPUT_SIZE
 from scoreflow.evaluate.inception import bilinear_resize as bilinear_resize
+from scoreflow.evaluate.inception import check_fid_inception_file as check_fid_inception_file
 from scoreflow.evaluate.inception import convert_pytorch_fid_weights as convert_pytorch_fid_weights
 from scoreflow.evaluate.inception import fid_inception_features as fid_inception_features
 from scoreflow.evaluate.inception import fid_inception_from_torch as fid_inception_from_torch

@@ -14,8 +14,11 @@ For a set of images it gives
   :math:`\exp \mathbb{E}_x \mathrm{KL}(p(y|x)\Vert p(y))` in `[1, 10]`.
 
 Input convention. The network reads intensities in `[0, 1]` (level / 16, the `unit_interval` scaler's
-values for digits). Model-space samples are mapped back with the run's :class:`~scoreflow.data.AffineScaler`
-(:func:`to_unit_intensity`) and clipped, as writing them to images would.
+values for digits). Model-space samples are decoded to integer levels with the run's training
+:class:`~scoreflow.data.AffineScaler` (:meth:`~scoreflow.data.AffineScaler.to_levels`: the floor for a dequantized
+scaler, the nearest level otherwise, clipped to `0 .. 16`), as writing them to images would, and then read as
+`level / 16` (:func:`to_unit_intensity`): real digits, which are exact levels, and samples go through the same
+path.
 
 The trained classifier is saved as a small `.npz` (:func:`save_digits_classifier`, about 140 kB) holding its
 parameters, the test accuracy and a format version; :func:`load_digits_classifier` checks every shape.
@@ -88,15 +91,14 @@ class DigitsSampleQuality(NamedTuple):
 
 
 def to_unit_intensity(x, scaler: AffineScaler):
-  r"""Model-space digits `x: [*S]` -> intensities `level / (L - 1)` clipped to `[0, 1]`.
+  r"""Model-space digits `x: [*S]` -> intensities `v / (L - 1)` in `[0, 1]` of their levels `v` (float32).
 
-  For a dequantized scaler the continuous value :math:`x_{raw} + u` is centred by subtracting 1/2 level.
-  Works on NumPy and JAX arrays (pure, jit-compatible); dtype follows `x` (integers become float32).
+  :math:`v` is `scaler.to_levels(x)`: :math:`\lfloor (x - b)/s \rfloor` for a dequantized scaler (the cell
+  :math:`[v, v + 1)` that uniform noise filled), the nearest level otherwise, clipped to `0 .. L-1`: the level
+  an image file of the sample stores. Use the scaler the model was trained with (`data.scaler` and
+  `data.dequantize`). Works on NumPy and JAX arrays (pure, jit-compatible).
   """
-  levels = scaler.inverse(x)
-  if scaler.dequantized:
-    levels = levels - 0.5
-  return (levels / (scaler.num_levels - 1)).clip(0.0, 1.0)
+  return scaler.to_levels(x).astype(np.float32) / (scaler.num_levels - 1)
 
 
 def _check_images(where: str, images) -> None:
@@ -111,7 +113,8 @@ def digits_features(classifier: DigitsClassifier, images: jax.Array, *,
   Args:
     classifier: from :func:`train_digits_classifier` or :func:`load_digits_classifier`.
     images: intensities in `[0, 1]` when `scaler` is None, else model-space values that `scaler` produced.
-    scaler: the run's data scaler (e.g. `AffineScaler.centred(17)`), mapped back by :func:`to_unit_intensity`.
+    scaler: the run's training data scaler (e.g. `AffineScaler.centred(17, dequantized=True)`); samples are
+      rounded to its levels by :func:`to_unit_intensity`.
   """
   images = jnp.asarray(images)
   _check_images("digits_features", images)
@@ -287,9 +290,9 @@ def evaluate_digits_samples(classifier: DigitsClassifier, images, reference: Fea
 
   Args:
     classifier: the trained judge.
-    images: samples, in `[0, 1]` or, with `scaler`, in model space.
+    images: samples, in `[0, 1]` or, with `scaler`, in model space (finite: leave out samples with NaN or inf).
     reference: statistics of the real data's features under the same classifier.
-    scaler: the run's data scaler, if `images` are in model space.
+    scaler: the run's training data scaler, if `images` are in model space (they are rounded to its levels).
     batch_size: images per classifier call.
   """
   features, logits = _features_and_logits(classifier, images, scaler, batch_size)

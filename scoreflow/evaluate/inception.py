@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -427,6 +428,59 @@ def fid_inception_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray
 def save_fid_inception(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
   """Writes `variables` as an `.npz` of the PyTorch state dict (the format :func:`load_fid_inception` reads)."""
   atomic_savez(path, fid_inception_to_torch(variables))
+
+
+def _torch_shapes() -> dict[str, tuple[int, ...]]:
+  """`{PyTorch name: PyTorch shape}` of every array of pytorch-fid's state dict (no `num_batches_tracked`)."""
+  shapes = {}
+  for path, shape in _variable_shapes().items():
+    name, permutation = _torch_name(path)
+    shapes[name] = shape if permutation is None else tuple(shape[i] for i in _inverse_permutation(permutation))
+  return shapes
+
+
+def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """`{name: shape}` of the arrays of an `.npz`, read from each member's `.npy` header (no array data)."""
+  shapes = {}
+  with zipfile.ZipFile(path) as archive:
+    for member in archive.infolist():
+      if not member.filename.endswith(".npy"):
+        continue
+      with archive.open(member) as file:
+        version = np.lib.format.read_magic(file)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shapes[member.filename[:-len(".npy")]] = tuple(read_header(file)[0])
+  return shapes
+
+
+def check_fid_inception_file(path: str | os.PathLike) -> None:
+  """Checks that `path` is an `.npz` holding exactly pytorch-fid's FID Inception arrays, with their shapes.
+
+  Reads the archive's directory and each array's header only (no weights are loaded and the network is only
+  traced for its shapes), so it takes about a second: run it before work that needs the weights much later.
+
+  Raises:
+    FileNotFoundError: if there is no file.
+    ValueError: if the file is not an `.npz` archive, or listing its missing, unexpected and mis-shaped entries.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"check_fid_inception_file: no weights file at {path!r}.")
+  try:
+    shapes = _npz_shapes(path)
+  except (zipfile.BadZipFile, ValueError, OSError) as error:
+    raise ValueError(f"check_fid_inception_file: {path!r} is not a readable .npz archive ({error}).") from None
+  shapes = {name: shape for name, shape in shapes.items() if not name.endswith("num_batches_tracked")}
+  expected = _torch_shapes()
+  problems = [f"{name}: expected shape {expected[name]}, got {shape}" for name, shape in shapes.items()
+              if name in expected and shape != expected[name]]
+  problems.extend(f"missing {name} (shape {shape})" for name, shape in expected.items() if name not in shapes)
+  problems.extend(f"unexpected {name}" for name in sorted(shapes) if name not in expected)
+  if problems:
+    shown = "; ".join(problems[:12]) + (f"; ... ({len(problems)} problems)" if len(problems) > 12 else "")
+    raise ValueError(f"check_fid_inception_file: {path!r} does not hold pytorch-fid's FID Inception weights "
+                     f"(pt_inception-2015-12-05): {shown}.")
 
 
 def load_fid_inception(path: str | os.PathLike) -> dict:

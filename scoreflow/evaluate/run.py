@@ -13,36 +13,56 @@ config's `eval.tasks` ask:
   :math:`-\log_2 p(x)/D` without dequantization.
 * **samples**: `num_samples` draws with the sampler of `config.sampling` (any method of
   :data:`scoreflow.train.builders.SAMPLERS`), written in shards (`shard_00000.npz`, ...: `samples` in model
-  space and the sampler's NFE and status) with a PNG grid.
+  space and the sampler's NFE and status) with a PNG grid. Samples with a NaN or infinite value are counted
+  (`num_nonfinite`), left out of the quality metrics below (an error if no sample is finite) and warned about.
 * **fid**: FID, Inception Score and KID of the samples with pytorch-fid's Inception-v3
   (:mod:`scoreflow.evaluate.inception`), whose weights file comes from `eval.fid.inception_path` (nothing is
-  downloaded), against reference statistics of a dataset split that are computed once and cached.
+  downloaded), against reference statistics of a dataset split that are computed once (resumably) and cached:
+  the feature moments and, apart, the KID features (:func:`reference_statistics`), named by the dataset, its
+  prepared tfds version and `data_dir`, the split, the image size and the weights (:func:`inception_reference_paths`).
 * **digits**: the digits domain metric (:mod:`scoreflow.evaluate.digits_metric`): a small classifier trained on
   the digits train split (once, cached) gives a Fréchet distance and class-confidence scores.
 
 `"quality"` in `eval.tasks` means `digits` for the digits dataset and `fid` for other image datasets.
 
+Decoding. Samples live in the space the model was trained in, so they are turned into pixels (the grid, the
+Inception images, the digits metric) by the training stream's :class:`~scoreflow.data.AffineScaler`: the one of
+`data.scaler` *and* `data.dequantize`. A run trained on dequantized levels :math:`(v + u)/L` decodes a sample
+by :math:`\lfloor\cdot\rfloor` of :math:`L` steps, not by rounding to :math:`L - 1` steps. Real images keep
+their exact integer levels.
+
+The model that is evaluated. The fields that define what a checkpoint's parameters mean (:data:`MODEL_SECTIONS`:
+the model, SDE, parameterization and the data's name, size, scaler and dequantization) must equal those of the
+run's `workdir/config.json`; a difference is an error raised before any work, naming the fields, unless
+`eval.allow_config_mismatch` is set (then a warning).
+
 Resumable and atomic. Every unit of work is a file written atomically (temporary file, then rename): a bpd
-batch (`batch_00003.npz`), a sample shard, the Inception features of a shard, reference statistics, results.
-A restarted evaluation reuses the files of finished units and computes only the rest; each unit's randomness
-is keyed by its index (`fold_in(key, index)`), so a resumed evaluation gives the same numbers as an
-uninterrupted one. Task directories are named by a hash of the settings that determine their content
-(`samples-pc-1a2b3c4d`), so evaluations with other settings never mix files. Keys do not depend on the
-checkpoint: checkpoints are compared on common random numbers.
+batch (`batch_00003.npz`), a sample shard, the Inception features of a shard, reference statistics (and, every
+few batches while they are computed, their partial sums), results. A restarted evaluation reuses the files of
+finished units and computes only the rest; each unit's randomness is keyed by its index (`fold_in(key, index)`),
+so a resumed evaluation gives the same numbers as an uninterrupted one. Directories are named by a hash of what
+determines their content: a checkpoint's directory (`step_2000-ema-1a2b3c4d`) by the model-defining config
+fields and the checkpoint's identity (Orbax's commit record of that save, so a checkpoint written again by
+another training run in the same workdir gets a new directory), a task's (`samples-pc-5e6f7a8b`) by its
+settings; evaluations of other models or with other settings never share files. Random keys do not depend on
+the checkpoint: checkpoints are compared on common random numbers.
 
 Compute. The likelihood and sampling programs are compiled once and reused for every batch, shard and checkpoint
 (and memoised per process for the likelihood). Evaluation runs in one process; the examples of a batch (and of
 a sample shard) are split over its devices when their number divides the batch, which leaves the results
-unchanged (bits/dim bit-identical on 1 and 2 CPU devices). tqdm progress bars show each task.
+unchanged (bits/dim bit-identical on 1 and 2 CPU devices). tqdm progress bars show each task. Cheap checks come
+first: the config, the Inception weights file's arrays and the reference splits are checked before any
+checkpoint is read.
 
 Layout under `eval.output_dir` (default `workdir/eval`)::
 
-    step_2000-ema/bpd-test-<hash>/{settings.json, batch_*.npz, per_example.npz, results.json}
-    step_2000-ema/samples-<method>-<hash>/{settings.json, shard_*.npz, grid.png, results.json, digits.json,
-                                           inception-<weights>-*.npz, fid-<hash>.json}
-    step_2000-ema/results.json          this checkpoint's latest results
-    cache/                              digits classifier, reference statistics (`eval.cache_dir`)
-    summary.json                        the latest evaluate() call's results, all checkpoints
+    step_2000-ema-<hash>/settings.json      the model-defining fields and the checkpoint it was read from
+    step_2000-ema-<hash>/bpd-test-<hash>/{settings.json, batch_*.npz, per_example.npz, results.json}
+    step_2000-ema-<hash>/samples-<method>-<hash>/{settings.json, shard_*.npz, grid.png, results.json,
+                                                  digits.json, inception-<weights>-*.npz, fid-<hash>.json}
+    step_2000-ema-<hash>/results.json       this checkpoint's latest results
+    cache/                                  digits classifier, reference statistics (`eval.cache_dir`)
+    summary.json                            the latest evaluate() call's results, all checkpoints
 """
 
 from __future__ import annotations
@@ -77,8 +97,9 @@ from scoreflow.train.step import make_network
 
 TASKS = ("bpd", "samples", "fid", "digits")
 QUALITY = "quality"
-# Config sections whose change alters what a checkpoint's parameters mean.
-MODEL_SECTIONS = ("model.", "sde.", "parameterization.", "data.name", "data.scaler", "data.image_size")
+# Config fields (a trailing "." takes a whole section) whose change alters what a checkpoint's parameters mean.
+MODEL_SECTIONS = ("model.", "sde.", "parameterization.", "data.name", "data.scaler", "data.dequantize",
+                  "data.image_size")
 
 _BPD_KEY, _SAMPLES_KEY = 0, 1  # fold_in tags: independent streams for the two random tasks.
 
@@ -88,7 +109,7 @@ def eval_config() -> ml_collections.ConfigDict:
   meaning of every field; the settings classes below document them too."""
   return ml_collections.ConfigDict(dict(
       checkpoints="latest", use_ema=True, tasks="bpd,samples,quality", seed=0, batch_size=128, output_dir="",
-      cache_dir="", progress_bar=True,
+      cache_dir="", progress_bar=True, allow_config_mismatch=False,
       bpd=dict(split="test", num_examples=0, num_repeats=1, divergence="hutchinson", probe="rademacher",
                num_probes=1, rtol=1e-5, atol=1e-5, eps=1e-5, solver="dopri5", max_steps=4096, per_example=False),
       samples=dict(num_samples=50000, shard_size=500, grid_size=64),
@@ -159,7 +180,11 @@ class DigitsSettings:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-  """`config.eval`, checked: which checkpoints, which parameters, which tasks, and each task's settings."""
+  """`config.eval`, checked: which checkpoints, which parameters, which tasks, and each task's settings.
+
+  `allow_config_mismatch`: evaluate even though model-defining fields (:data:`MODEL_SECTIONS`) differ from the
+  workdir's `config.json` (a warning instead of an error).
+  """
 
   checkpoints: str
   use_ema: bool
@@ -173,6 +198,7 @@ class EvalSettings:
   samples: SampleSettings
   fid: FidSettings
   digits: DigitsSettings
+  allow_config_mismatch: bool = False
 
 
 _INCEPTION_HOWTO = (
@@ -224,7 +250,8 @@ def build_eval_settings(config) -> EvalSettings:
 
   Raises:
     ConfigError (a ValueError): naming the first bad field, what it holds and what would fix it; in particular
-      FID without an Inception weights file, with how to obtain one.
+      FID without an Inception weights file, or with a file that does not hold the network's arrays (checked from
+      the archive's headers, in about a second), with how to obtain one.
   """
   # The checked getters of the training config's boundary, so that messages read the same.
   _get, _int, _float, _choice = (builders.config_field, builders.config_int, builders.config_float,
@@ -266,6 +293,11 @@ def build_eval_settings(config) -> EvalSettings:
     if not os.path.isfile(fid.inception_path):
       raise builders.ConfigError(f"config.eval.fid.inception_path={fid.inception_path!r}: no such file. "
                                  f"{_INCEPTION_HOWTO}")
+    try:
+      inception.check_fid_inception_file(fid.inception_path)
+    except ValueError as error:
+      raise builders.ConfigError(f"config.eval.fid.inception_path={fid.inception_path!r}: {error} "
+                                 f"{_INCEPTION_HOWTO}") from None
   digits = DigitsSettings(reference_split=str(_get(config, "eval.digits.reference_split")),
                           classifier_steps=_int(config, "eval.digits.classifier_steps", 1),
                           classifier_seed=_int(config, "eval.digits.classifier_seed", 0))
@@ -274,7 +306,7 @@ def build_eval_settings(config) -> EvalSettings:
                       output_dir=str(_get(config, "eval.output_dir") or ""),
                       cache_dir=str(_get(config, "eval.cache_dir") or ""),
                       progress_bar=bool(_get(config, "eval.progress_bar")), bpd=bpd, samples=samples, fid=fid,
-                      digits=digits)
+                      digits=digits, allow_config_mismatch=bool(_get(config, "eval.allow_config_mismatch")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,9 +437,11 @@ def fingerprint(settings: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _task_directory(parent: str, name: str, settings: dict) -> str:
-  """`parent/name-<hash of settings>`, created with its `settings.json` on first use."""
-  directory = os.path.join(parent, f"{name}-{fingerprint(settings)}")
+def _task_directory(parent: str, name: str, settings: dict, key_fields: Iterable[str] | None = None) -> str:
+  """`parent/name-<hash of settings>` (of its `key_fields` only, if given), created with its `settings.json` on
+  first use."""
+  key = settings if key_fields is None else {field: settings[field] for field in key_fields}
+  directory = os.path.join(parent, f"{name}-{fingerprint(key)}")
   os.makedirs(directory, exist_ok=True)
   if not os.path.exists(os.path.join(directory, "settings.json")):
     write_json(os.path.join(directory, "settings.json"), settings)
@@ -611,6 +645,7 @@ class SampleResult:
   shape: tuple[int, ...]  # one sample's shape
   nfe_mean: float  # score evaluations per sample, averaged over shards
   num_failed_shards: int  # shards whose sampler status was not success (e.g. an ODE solve hit max_steps)
+  num_nonfinite: int  # samples holding a NaN or infinite value (left out of the quality metrics)
   computed_shards: int
   reused_shards: int
   directory: str
@@ -623,6 +658,12 @@ def _shard_path(directory: str, index: int) -> str:
   return os.path.join(directory, f"shard_{index:05d}.npz")
 
 
+def finite_rows(samples: np.ndarray) -> np.ndarray:
+  """`[N]` bool: which of `samples: [N, *D]` hold only finite values."""
+  samples = np.asarray(samples)
+  return np.all(np.isfinite(samples.reshape(samples.shape[0], -1)), axis=1)
+
+
 def generate_samples(sample_shard: Callable[[int], tuple[np.ndarray, dict]], directory: str, *, num_samples: int,
                      shard_size: int, progress_bar: bool = False) -> SampleResult:
   """Draws `num_samples` samples in shards of `shard_size`, skipping shards already written in `directory`.
@@ -630,7 +671,8 @@ def generate_samples(sample_shard: Callable[[int], tuple[np.ndarray, dict]], dir
   Shard `i` holds samples `i * shard_size ...` (the last one truncated to `num_samples`) as
   `shard_<i>.npz` with `samples [n, *D]` and the sampler's `nfe`, `num_steps`, `num_rejected_steps`, `status`.
   A shard file that holds fewer samples than now needed (an evaluation asking for more samples than an earlier
-  one) is drawn again; the draw is keyed by the shard index, so its first samples are the same.
+  one) is drawn again; the draw is keyed by the shard index, so its first samples are the same. Samples with a
+  NaN or infinite value are kept in the shards and counted (`num_nonfinite`).
 
   Args:
     sample_shard: `sample_shard(i) -> (x [shard_size, *D], info)` with `info` a dict of scalars; it must be
@@ -642,7 +684,7 @@ def generate_samples(sample_shard: Callable[[int], tuple[np.ndarray, dict]], dir
   os.makedirs(directory, exist_ok=True)
   num_shards = -(-num_samples // shard_size)
   computed = reused = 0
-  nfe, failed, shape = [], 0, None
+  nfe, failed, nonfinite, shape = [], 0, 0, None
   bar = _progress(num_samples, 0, "samples", "sample", progress_bar)
   try:
     for index in range(num_shards):
@@ -663,23 +705,27 @@ def generate_samples(sample_shard: Callable[[int], tuple[np.ndarray, dict]], dir
       shape = tuple(shard["samples"].shape[1:])
       nfe.append(float(np.mean(shard["nfe"])) if "nfe" in shard else float("nan"))
       failed += int(np.any(shard.get("status", 0) != 0))
+      nonfinite += int(needed - np.sum(finite_rows(shard["samples"][:needed])))
       bar.update(needed)
   finally:
     bar.close()
   return SampleResult(num_samples=num_samples, num_shards=num_shards, shape=shape, nfe_mean=float(np.mean(nfe)),
-                      num_failed_shards=failed, computed_shards=computed, reused_shards=reused, directory=directory)
+                      num_failed_shards=failed, num_nonfinite=nonfinite, computed_shards=computed,
+                      reused_shards=reused, directory=directory)
+
+
+def _load_shard(directory: str, index: int) -> np.ndarray:
+  """The `samples` of shard `index` in `directory`."""
+  shard = _load_npz(_shard_path(directory, index))
+  if shard is None:
+    raise FileNotFoundError(f"{_shard_path(directory, index)} is missing or unreadable; run the sampling again.")
+  return shard["samples"]
 
 
 def load_samples(directory: str, num_samples: int, shard_size: int) -> np.ndarray:
   """The first `num_samples` samples of the shards in `directory`, `[num_samples, *D]`."""
-  parts, remaining, index = [], num_samples, 0
-  while remaining > 0:
-    shard = _load_npz(_shard_path(directory, index))
-    if shard is None:
-      raise FileNotFoundError(f"load_samples: {_shard_path(directory, index)} is missing; run the sampling again.")
-    parts.append(shard["samples"][:remaining])
-    remaining -= parts[-1].shape[0]
-    index += 1
+  parts = [_load_shard(directory, index)[:num_samples - index * shard_size]
+           for index in range(-(-num_samples // shard_size))]
   return np.concatenate(parts)
 
 
@@ -710,58 +756,197 @@ def _inception_outputs(variables, images: np.ndarray, batch_size: int) -> tuple[
   return pool[:num_images], logits[:num_images]
 
 
-def inception_reference(variables, images: Iterable[np.ndarray], path: str, *, kid_reference_size: int,
-                        batch_size: int, total: int | None = None, progress_bar: bool = False
-                        ) -> metrics.FeatureStatistics:
-  """Inception reference statistics of a stream of uint8 image batches, cached at `path`.
+def _partial_path(path: str) -> str:
+  return (path[:-len(".npz")] if path.endswith(".npz") else path) + ".partial.npz"
 
-  Accumulates the mean and covariance of the pool features (:class:`~scoreflow.evaluate.metrics.FeatureMoments`)
-  and keeps the features of the first `kid_reference_size` images for KID; written atomically to `path` and
-  read back from there on later calls.
+
+def _load_partial(path: str, num_features: int, with_moments: bool, keep: int):
+  """`(count, moments or None, kept features [k, d])` of a partial reference pass, or the start of a new one
+  when `path` holds none (or one that does not fit: it is then recomputed)."""
+  fresh = (0, metrics.FeatureMoments.empty(num_features) if with_moments else None,
+           np.zeros((0, num_features), np.float32))
+  saved = _load_npz(path)
+  if saved is None or "count" not in saved or "features" not in saved:
+    return fresh
+  count = int(saved["count"])
+  kept = saved["features"][:keep]
+  if kept.shape[0] != min(count, keep) or kept.shape[1:] != (num_features,):
+    return fresh
+  if not with_moments:
+    return count, None, kept
+  if "mean" not in saved or "scatter" not in saved or saved["mean"].shape != (num_features,):
+    return fresh
+  return count, metrics.FeatureMoments(count, saved["mean"], saved["scatter"]), kept
+
+
+def reference_statistics(features_fn: Callable[[np.ndarray], np.ndarray], images: Callable[[int], Iterable],
+                         moments_path: str, *, num_examples: int, num_features: int, kid_path: str | None = None,
+                         kid_reference_size: int = 0, save_every: int = 50, progress_bar: bool = False
+                         ) -> metrics.FeatureStatistics:
+  """Reference statistics of a stream of images, computed once, cached, and resumable while computed.
+
+  Two files: `moments_path` holds the mean and covariance of the features of the first `num_examples` images
+  (what FID needs), `kid_path` the features of the first `K = min(kid_reference_size, num_examples)` (what KID
+  needs). One pass over the images computes whichever is missing, so changing only `kid_reference_size`
+  reads `K` images and leaves the moments alone.
+
+  The pass accumulates exact float64 moments (:class:`~scoreflow.evaluate.metrics.FeatureMoments`) and, every
+  `save_every` batches, writes its state (the count, mean and scatter, and the features kept for KID so far)
+  atomically to `<file>.partial.npz`. A pass that finds such a file resumes after the images it counts, asking
+  `images(count)` for the rest; the resumed statistics equal those of an uninterrupted pass bit for bit when
+  the images come in the same batches (the same moments are merged in the same order). The partial file is
+  removed when the statistics are written.
+
+  Args:
+    features_fn: `features_fn(images [b, ...]) -> features [b, d]`, e.g. Inception `pool_3` features.
+    images: `images(start)`: an iterable of image batches from image `start` on (at least up to the last image
+      needed), e.g. uint8 `[b, H, W, C]` batches of a dataset split.
+    moments_path, kid_path: the cache files (`kid_path` None: no KID features).
+    num_examples: images whose features make the moments.
+    num_features: `d`.
+    kid_reference_size: images whose features are kept for KID (0: none).
+    save_every: batches between two saves of the partial state.
+    progress_bar: show a tqdm bar.
+
+  Returns:
+    :class:`~scoreflow.evaluate.metrics.FeatureStatistics` with the KID features (None without them).
+
+  Raises:
+    ValueError: if `images(start)` ends before the last image needed.
   """
-  if os.path.isfile(path):
-    return metrics.load_statistics(path)
-  moments = metrics.FeatureMoments.empty(inception.FID_INCEPTION_NUM_FEATURES)
-  kept = []
-  bar = _progress(total or 0, 0, "reference features", "image", progress_bar)
+  keep = min(kid_reference_size, num_examples) if kid_path else 0
+  with_moments = not os.path.isfile(moments_path)
+  keep_missing = keep if keep and not os.path.isfile(kid_path) else 0
+  if with_moments or keep_missing:
+    end = num_examples if with_moments else keep_missing
+    partial = _partial_path(moments_path if with_moments else kid_path)
+    count, moments, kept = _load_partial(partial, num_features, with_moments, keep_missing)
+    kept = [kept]
+    bar = _progress(end, count, "reference features", "image", progress_bar)
+    batches = iter(images(count))
+    try:
+      since_save = 0
+      while count < end:
+        batch = next(batches, None)
+        if batch is None:
+          raise ValueError(f"reference_statistics: the images ended after {count} of {end}.")
+        batch = np.asarray(batch)[:end - count]
+        features = np.asarray(features_fn(batch))
+        if with_moments:
+          moments = moments.update(features)
+        held = sum(part.shape[0] for part in kept)
+        if held < keep_missing:
+          kept.append(features[:keep_missing - held].astype(np.float32))
+        count += batch.shape[0]
+        bar.update(batch.shape[0])
+        since_save += 1
+        if since_save == save_every and count < end:
+          state = {"count": np.asarray(count, np.int64), "features": np.concatenate(kept)}
+          if with_moments:
+            state.update(mean=moments.mean, scatter=moments.scatter)
+          atomic_savez(partial, state)
+          since_save = 0
+    finally:
+      bar.close()
+      close = getattr(batches, "close", None)
+      if close is not None:
+        close()
+    if with_moments:
+      metrics.save_statistics(moments_path, moments.statistics())
+    if keep_missing:
+      atomic_savez(kid_path, {"features": np.concatenate(kept)})
+    if os.path.exists(partial):
+      os.remove(partial)
+  statistics = metrics.load_statistics(moments_path)
+  if keep:
+    with np.load(kid_path, allow_pickle=False) as archive:
+      statistics = statistics._replace(features=archive["features"])
+  return statistics
+
+
+def inception_reference(variables, images: Callable[[int], Iterable[np.ndarray]], moments_path: str, *,
+                        num_examples: int, kid_path: str | None, kid_reference_size: int, batch_size: int,
+                        save_every: int = 50, progress_bar: bool = False) -> metrics.FeatureStatistics:
+  """:func:`reference_statistics` of uint8 image batches under the FID Inception network (`pool_3` features)."""
+  return reference_statistics(lambda batch: _inception_outputs(variables, batch, batch_size)[0], images,
+                              moments_path, num_examples=num_examples,
+                              num_features=inception.FID_INCEPTION_NUM_FEATURES, kid_path=kid_path,
+                              kid_reference_size=kid_reference_size, save_every=save_every,
+                              progress_bar=progress_bar)
+
+
+def shard_outputs(outputs_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], sample_dir: str,
+                  cache_name: str, num_samples: int, shard_size: int, to_images: Callable, *,
+                  progress_bar: bool = False, description: str = "features"
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+  """Network outputs of the finite samples of the shards in `sample_dir`, cached per shard.
+
+  Each shard file is read once; its finite samples (:func:`finite_rows`) are mapped to images by `to_images`
+  (the training scaler's `to_uint8`) and through `outputs_fn`, and the result is written to
+  `<cache_name>-<i>.npz` (`pool`, `logits` of the finite samples and the `finite` mask of the shard).
+
+  Returns:
+    `(pool [M, d], logits [M, K], num_nonfinite)`: the outputs of the `M` finite samples among the first
+    `num_samples`, and how many were left out.
+
+  Raises:
+    ValueError: if no sample is finite.
+  """
+  pools, logits, nonfinite = [], [], 0
+  bar = _progress(num_samples, 0, description, "sample", progress_bar)
   try:
-    for batch in images:
-      pool, _ = _inception_outputs(variables, batch, batch_size)
-      moments = moments.update(pool)
-      if sum(k.shape[0] for k in kept) < kid_reference_size:
-        kept.append(pool.astype(np.float32))
-      bar.update(batch.shape[0])
+    for index in range(-(-num_samples // shard_size)):
+      needed = min(shard_size, num_samples - index * shard_size)
+      path = os.path.join(sample_dir, f"{cache_name}-{index:05d}.npz")
+      cached = _load_npz(path)
+      if cached is None or "finite" not in cached or cached["finite"].shape[0] < needed:
+        samples = _load_shard(sample_dir, index)[:needed]
+        finite = finite_rows(samples)
+        pool, logit = np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+        if finite.any():
+          pool, logit = outputs_fn(np.asarray(to_images(samples[finite])))
+        cached = {"pool": np.asarray(pool, np.float32), "logits": np.asarray(logit, np.float32), "finite": finite}
+        atomic_savez(path, cached)
+      rows = int(np.sum(cached["finite"][:needed]))
+      if rows:
+        pools.append(cached["pool"][:rows])
+        logits.append(cached["logits"][:rows])
+      nonfinite += needed - rows
+      bar.update(needed)
   finally:
     bar.close()
-  statistics = moments.statistics()
-  if kid_reference_size:
-    statistics = statistics._replace(features=np.concatenate(kept)[:kid_reference_size])
-  metrics.save_statistics(path, statistics)
-  return statistics
+  if not pools:
+    raise ValueError(f"all {num_samples} samples in {sample_dir} hold NaN or infinite values; there is nothing to "
+                     "score. Check the sampler's settings (see each shard's `status`) and the checkpoint.")
+  return np.concatenate(pools), np.concatenate(logits), nonfinite
+
+
+def inception_reference_paths(cache_dir: str, data: builders.DataSettings, fid: FidSettings, *, num_examples: int,
+                              version: str | None, weights_digest: str) -> tuple[str, str | None]:
+  """`(moments file, KID features file or None)` of the Inception reference statistics in `cache_dir`.
+
+  Named by what determines their content: the dataset, its prepared tfds `version` and `data_dir`, the split, the
+  image size and the weights, and the number of images (`num_examples` for the moments, the KID reference size
+  for the features, so that changing one does not recompute the other).
+  """
+  data_dir = str(data.data_dir or "")
+  if data_dir and "://" not in data_dir:
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  source = fingerprint({"dataset": data.name, "version": version, "data_dir": data_dir, "split": fid.reference_split,
+                        "image_size": data.image_size or 0, "inception": weights_digest})
+  stem = f"{_safe(data.name)}-{_safe(fid.reference_split)}"
+  moments = os.path.join(cache_dir, f"inception_moments-{stem}-{num_examples}-{source}.npz")
+  kid_size = min(fid.kid_reference_size, num_examples)
+  return moments, os.path.join(cache_dir, f"inception_kid-{stem}-{kid_size}-{source}.npz") if kid_size else None
 
 
 def inception_sample_outputs(variables, sample_dir: str, weights_digest: str, num_samples: int, shard_size: int,
                              to_uint8: Callable, *, batch_size: int, progress_bar: bool = False):
-  """Pool features `[N, 2048]` and logits `[N, 1008]` of the sample shards, cached per shard in `sample_dir`."""
-  pools, logits, remaining = [], [], num_samples
-  bar = _progress(num_samples, 0, "Inception features", "sample", progress_bar)
-  try:
-    for index in range(-(-num_samples // shard_size)):
-      needed = min(shard_size, remaining)
-      path = os.path.join(sample_dir, f"inception-{weights_digest}-{index:05d}.npz")
-      cached = _load_npz(path)
-      if cached is None or cached["pool"].shape[0] < needed:
-        samples = load_samples(sample_dir, index * shard_size + needed, shard_size)[index * shard_size:]
-        pool, logit = _inception_outputs(variables, np.asarray(to_uint8(samples)), batch_size)
-        cached = {"pool": pool.astype(np.float32), "logits": logit.astype(np.float32)}
-        atomic_savez(path, cached)
-      pools.append(cached["pool"][:needed])
-      logits.append(cached["logits"][:needed])
-      remaining -= needed
-      bar.update(needed)
-  finally:
-    bar.close()
-  return np.concatenate(pools), np.concatenate(logits)
+  """:func:`shard_outputs` with the FID Inception network: `(pool [M, 2048], logits [M, 1008], num_nonfinite)`,
+  cached as `inception-<weights digest>-<i>.npz` in `sample_dir`."""
+  return shard_outputs(lambda images: _inception_outputs(variables, images, batch_size), sample_dir,
+                       f"inception-{weights_digest}", num_samples, shard_size, to_uint8,
+                       progress_bar=progress_bar, description="Inception features")
 
 
 def inception_metrics(pool: np.ndarray, logits: np.ndarray, reference: metrics.FeatureStatistics,
@@ -804,13 +989,69 @@ def digits_reference(classifier, classifier_path: str, *, data_dir, split: str) 
 # The run: restore, then the tasks.
 
 
-def _stream(data: builders.DataSettings, split: str, batch_size: int, *, seed: int = 0):
-  """An unshuffled, infinite stream of `split` (position n holds example n mod N) in model space, flips off."""
+def _stream(data: builders.DataSettings, split: str, batch_size: int, *, seed: int = 0, dequantize: bool = False):
+  """An unshuffled, infinite stream of `split` (position n holds example n mod N) in model space, flips off.
+
+  Without `dequantize` (the default) the images are their integer levels and `stream.scaler` is the levels
+  scaler, which gives the real data's levels back exactly; with `dequantize=data.dequantize` the stream's scaler
+  is the training one.
+  """
   kwargs = data.dataset_kwargs()
   if data.name not in TOY_DATASETS:
-    kwargs.update(random_flip=False, dequantize=False)
+    kwargs.update(random_flip=False, dequantize=dequantize)
   return make_dataset(data.name, split, global_batch_size=batch_size, seed=seed, shuffle=False, num_epochs=None,
                       **kwargs)
+
+
+def reference_images(data: builders.DataSettings, split: str, batch_size: int) -> Callable[[int], Iterator]:
+  """`images(start)`: uint8 `[b, H, W, C]` batches of `split`'s exact levels from image `start` on (the stream's
+  position `n` holds example `n mod N`), read `batch_size` at a time; whole batches before `start` are skipped
+  unread. The image source of :func:`reference_statistics`."""
+
+  def images(start: int) -> Iterator[np.ndarray]:
+    reader = _stream(data, split, batch_size)
+    try:
+      first, skip = divmod(start, batch_size)
+      reader.set_state({**reader.get_state(), "next_batch": first})
+      for batch in reader:
+        yield np.asarray(reader.scaler.to_uint8(batch["x"][skip:]))
+        skip = 0
+    finally:
+      reader.close()
+
+  return images
+
+
+def model_space(data: builders.DataSettings) -> tuple[tuple[int, ...], Any]:
+  """`(element_shape, scaler)` of the training stream: one example's shape and the
+  :class:`~scoreflow.data.AffineScaler` of `data.scaler` and `data.dequantize` (None for toy data), which maps
+  levels to the space the model was trained in and decodes samples back to levels (`to_levels`, `to_uint8`)."""
+  stream = _stream(data, data.split, 1, dequantize=data.dequantize)
+  try:
+    return tuple(stream.element_shape), stream.scaler
+  finally:
+    stream.close()
+
+
+def _json_config(config) -> dict:
+  return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config), default=str))
+
+
+def _is_model_field(name: str) -> bool:
+  return any(name == s or (s.endswith(".") and name.startswith(s)) for s in MODEL_SECTIONS)
+
+
+def model_fields(config) -> dict[str, Any]:
+  """`{"section.field": value}` of the model-defining fields (:data:`MODEL_SECTIONS`) of `config`."""
+  fields, pending = {}, [("", _json_config(config))]
+  while pending:
+    prefix, node = pending.pop()
+    for key, value in node.items():
+      if isinstance(value, dict):
+        pending.append((f"{prefix}{key}.", value))
+      elif _is_model_field(prefix + key):
+        fields[prefix + key] = value
+  return dict(sorted(fields.items()))
 
 
 def _workdir_config_differences(workdir: str, config) -> dict[str, tuple]:
@@ -820,9 +1061,23 @@ def _workdir_config_differences(workdir: str, config) -> dict[str, tuple]:
     return {}
   with open(path) as file:
     saved = json.load(file)
-  current = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config), default=str))
-  return {name: d for name, d in config_differences(saved, current).items()
-          if any(name == s or name.startswith(s) for s in MODEL_SECTIONS)}
+  return {name: d for name, d in config_differences(saved, _json_config(config)).items() if _is_model_field(name)}
+
+
+def _describe_differences(differences: dict[str, tuple]) -> str:
+  return "".join(f"\n  config.{name}: {old!r} in the workdir's config.json, {new!r} in --config"
+                 for name, (old, new) in differences.items())
+
+
+def checkpoint_identity(directory: str) -> str:
+  """A string that changes whenever a checkpoint directory is written again (another training run, or the same
+  step saved anew): the hash of Orbax's commit record `_CHECKPOINT_METADATA` (its timestamps), which a copy of
+  the directory keeps; the directory's modification time where there is no such file."""
+  try:
+    with open(os.path.join(directory, "_CHECKPOINT_METADATA"), "rb") as file:
+      return "orbax-" + hashlib.sha256(file.read()).hexdigest()[:16]
+  except OSError:
+    return f"mtime-{os.stat(directory).st_mtime_ns}"
 
 
 def _restore_params(checkpointer: Checkpointer, abstract_state, kind: str, step: int, use_ema: bool,
@@ -833,8 +1088,7 @@ def _restore_params(checkpointer: Checkpointer, abstract_state, kind: str, step:
     mismatched = [line for line in str(error).splitlines() if line.startswith("  ")]
     if not mismatched:  # Not a shape mismatch (e.g. an unreadable checkpoint): Checkpointer's message says it all.
       raise
-    named = "".join(f"\n  config.{name}: {old!r} in the workdir's config.json, {new!r} in --config"
-                    for name, (old, new) in differences.items())
+    named = _describe_differences(differences)
     hint = f"\nThe configuration differs from the one that trained this run in:{named}" if named else ""
     raise CheckpointError(f"cannot evaluate {checkpointer.directory(kind, step)}: its parameters do not match "
                           f"the model that --config describes.{hint}\nMismatched arrays (checkpoint vs model):\n"
@@ -847,6 +1101,21 @@ def _sampler_description(experiment: builders.Experiment) -> dict[str, Any]:
   return {"method": experiment.sampler.method, "options": dict(experiment.sampler.kwargs)}
 
 
+def _check_reference_splits(data: builders.DataSettings, settings: EvalSettings) -> None:
+  """Opens the reference splits of the quality tasks, so that a missing or unprepared one fails before the
+  checkpoints are evaluated rather than after hours of sampling."""
+  splits = []
+  if "fid" in settings.tasks:
+    splits.append(("fid", settings.fid.reference_split))
+  if "digits" in settings.tasks:
+    splits.append(("digits", settings.digits.reference_split))
+  for section, split in splits:
+    try:
+      _stream(data, split, 1).close()
+    except (FileNotFoundError, ValueError) as error:
+      raise type(error)(f"config.eval.{section}.reference_split={split!r}: {error}") from None
+
+
 def evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
   """Evaluates the checkpoints of the run in `workdir` as `config.eval` asks (see the module docstring).
 
@@ -856,13 +1125,16 @@ def evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
   Returns:
     `{"workdir", "checkpoints": [per-checkpoint results], "summary_file"}`, also written to
-    `<output_dir>/summary.json`; each checkpoint's results are in `<output_dir>/step_<N>-<ema|raw>/results.json`.
+    `<output_dir>/summary.json`; each checkpoint's results are in `<output_dir>/step_<N>-<ema|raw>-<hash>/
+    results.json`.
 
   Raises:
-    ValueError: a bad config field (before any work), a workdir without the asked checkpoints, or a checkpoint
-      that does not match the configured model (`CheckpointError`, naming the mismatched parameters and the
-      config fields that differ from the workdir's `config.json`).
-    FileNotFoundError: a tfds dataset that is not prepared.
+    ValueError: before any checkpoint is read: a bad config field, model-defining fields that differ from the
+      workdir's `config.json` (`CheckpointError`, naming them; `eval.allow_config_mismatch` turns it into a
+      warning), a workdir without the asked checkpoints, a reference split that does not exist; later, a
+      checkpoint that does not match the configured model (`CheckpointError`, naming the mismatched parameters
+      and the config fields that differ from the workdir's `config.json`).
+    FileNotFoundError: a tfds dataset (or reference split) that is not prepared, before any checkpoint is read.
   """
   if jax.process_count() > 1:
     raise ValueError("evaluate runs in a single process; start run_eval.py without --coordinator_address.")
@@ -871,31 +1143,39 @@ def evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
   workdir = os.fspath(workdir)
   if not os.path.isdir(workdir):
     raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a training run.")
+  differences = _workdir_config_differences(workdir, config)
+  if differences and not settings.allow_config_mismatch:
+    raise CheckpointError(
+        f"--config differs from the configuration that trained {workdir} ({CONFIG_FILE}) in fields that define "
+        f"what its checkpoints mean:{_describe_differences(differences)}\nEvaluate with the run's configuration, "
+        "or pass --config.eval.allow_config_mismatch=True to evaluate its checkpoints as --config describes "
+        "(the results are kept apart from those of the run's own configuration).")
   output_dir = settings.output_dir or os.path.join(workdir, "eval")
   cache_dir = settings.cache_dir or os.path.join(output_dir, "cache")
   checkpointer = Checkpointer(workdir, async_save=False)
-  chosen = select_checkpoints(checkpointer.steps(), settings.checkpoints)
-  differences = _workdir_config_differences(workdir, config)
-
-  data = experiment.data
-  train_stream = _stream(data, data.split, 1)
-  element_shape, scaler = tuple(train_stream.element_shape), train_stream.scaler
-  train_stream.close()
-  mesh = sharding.make_mesh()
-  abstract_state = experiment.abstract_train_state(element_shape, mesh)
-  runners = _TaskRunners(experiment, settings, element_shape, scaler, cache_dir, mesh)
-  results = []
   try:
+    chosen = select_checkpoints(checkpointer.steps(), settings.checkpoints)
+    _check_reference_splits(experiment.data, settings)
+    element_shape, scaler = model_space(experiment.data)
+    setup = model_fields(config)
+    mesh = sharding.make_mesh()
+    abstract_state = experiment.abstract_train_state(element_shape, mesh)
+    runners = _TaskRunners(experiment, settings, element_shape, scaler, cache_dir, mesh)
+    results = []
+    for name, (old, new) in differences.items():  # Allowed: the model may mean something else.
+      _say(f"warning: config.{name} is {new!r} here but {old!r} in {workdir}/{CONFIG_FILE} "
+           "(eval.allow_config_mismatch=True).")
     for kind, step in chosen:
       started = time.perf_counter()
       params = _restore_params(checkpointer, abstract_state, kind, step, settings.use_ema, differences)
-      for name, (old, new) in differences.items():  # The shapes fit, but the model may mean something else.
-        _say(f"warning: config.{name} is {new!r} here but {old!r} in {workdir}/config.json.")
-      differences = {}
-      tag = f"step_{step}-{'ema' if settings.use_ema else 'raw'}"
-      checkpoint_dir = os.path.join(output_dir, tag)
-      record: dict[str, Any] = {"step": step, "checkpoint": checkpointer.directory(kind, step),
-                                "params": "ema" if settings.use_ema else "raw", "directory": checkpoint_dir}
+      source = checkpointer.directory(kind, step)
+      params_kind = "ema" if settings.use_ema else "raw"
+      checkpoint_dir = _task_directory(output_dir, f"step_{step}-{params_kind}",
+                                       {"model": setup, "checkpoint": source, "step": step, "params": params_kind,
+                                        "checkpoint_identity": checkpoint_identity(source)},
+                                       key_fields=("model", "step", "params", "checkpoint_identity"))
+      record: dict[str, Any] = {"step": step, "checkpoint": source, "params": params_kind,
+                                "directory": checkpoint_dir}
       for task in settings.tasks:
         record[task] = getattr(runners, task)(params, checkpoint_dir, record)
       record["seconds"] = time.perf_counter() - started
@@ -913,7 +1193,8 @@ def evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
 class _TaskRunners:
   """One method per task: `task(params, checkpoint_dir, record) -> results dict`; compiled functions are built
-  once and reused for every checkpoint."""
+  once and reused for every checkpoint. `scaler` is the training stream's (:func:`model_space`): it decodes
+  samples."""
 
   def __init__(self, experiment, settings: EvalSettings, element_shape, scaler, cache_dir, mesh=None):
     self.experiment, self.settings = experiment, settings
@@ -926,7 +1207,6 @@ class _TaskRunners:
     if self.mesh is None or self.mesh.devices.size == 1 or batch_size % self.mesh.devices.size:
       return None
     return sharding.batch_sharding(self.mesh)
-    self._sample_fn = None
 
   # --- bits/dim ---
   def bpd(self, params, checkpoint_dir, record):
@@ -943,6 +1223,7 @@ class _TaskRunners:
                  "image_size": data.image_size, "scaler": data.scaler, **bpd.likelihood_kwargs()}
     directory = _task_directory(checkpoint_dir, f"bpd-{_safe(bpd.split)}", described)
     if discrete:
+      # The real data's integer levels (the stream's levels scaler), dequantized here by the bpd convention.
       unit = (AffineScaler.unit_interval if data.scaler == "unit_interval" else AffineScaler.centred)(
           stream.scaler.num_levels, dequantized=True)
       levels = (("num_levels", unit.num_levels), ("scale", float(unit.unit_cube_scale)), ("shift", float(unit.shift)))
@@ -1006,56 +1287,57 @@ class _TaskRunners:
     write_json(os.path.join(directory, "results.json"), out)
     return out
 
-  def _load_samples(self, record):
-    return load_samples(record["samples"]["directory"], self.settings.samples.num_samples,
-                        self.settings.samples.shard_size)
+  def _load_finite_samples(self, record) -> tuple[np.ndarray, int]:
+    """The finite samples of the set, and how many were left out."""
+    samples = load_samples(record["samples"]["directory"], self.settings.samples.num_samples,
+                           self.settings.samples.shard_size)
+    finite = finite_rows(samples)
+    if not finite.any():
+      raise ValueError(f"all {samples.shape[0]} samples in {record['samples']['directory']} hold NaN or infinite "
+                       "values; there is nothing to score. Check the sampler's settings and the checkpoint.")
+    return samples[finite], int(samples.shape[0] - finite.sum())
 
   # --- FID / IS / KID ---
-  def _fid_reference_path(self, digest: str, total: int) -> str:
-    fid, data = self.settings.fid, self.experiment.data
-    name = (f"inception_reference-{_safe(data.name)}-{_safe(fid.reference_split)}-{total}-"
-            f"size{data.image_size or 0}-kid{fid.kid_reference_size}-{digest}.npz")
-    return os.path.join(self.cache_dir, name)
-
   def fid_reference(self, variables=None):
-    """`(variables, weights digest, reference statistics, their path)`, computing and caching the statistics."""
+    """`(variables, weights digest, reference statistics, moments path, KID path)`, computing and caching the
+    statistics (resumably) where the cache lacks them."""
     fid, data = self.settings.fid, self.experiment.data
     digest = _weights_digest(fid.inception_path)
-    stream = _stream(data, fid.reference_split, self.settings.batch_size)
-    try:
-      total = min(fid.reference_num_examples or stream.num_examples, stream.num_examples)
-      path = self._fid_reference_path(digest, total)
-      if os.path.isfile(path):
-        return variables, digest, metrics.load_statistics(path), path
+    batch_size = self.settings.batch_size
+    stream = _stream(data, fid.reference_split, batch_size)
+    stream.close()
+    total = min(fid.reference_num_examples or stream.num_examples, stream.num_examples)
+    moments_path, kid_path = inception_reference_paths(self.cache_dir, data, fid, num_examples=total,
+                                                       version=stream.version, weights_digest=digest)
+    if not (os.path.isfile(moments_path) and (kid_path is None or os.path.isfile(kid_path))):
       variables = variables or inception.load_fid_inception(fid.inception_path)
-      batches = (np.asarray(stream.scaler.to_uint8(values[:num_valid]))
-                 for _, values, num_valid in bpd_batches((b["x"] for b in stream), total))
-      reference = inception_reference(variables, batches, path, kid_reference_size=fid.kid_reference_size,
-                                      batch_size=self.settings.batch_size, total=total,
-                                      progress_bar=self.settings.progress_bar)
-    finally:
-      stream.close()
-    return variables, digest, reference, path
+    images = reference_images(data, fid.reference_split, batch_size)
+    reference = inception_reference(variables, images, moments_path, num_examples=total, kid_path=kid_path,
+                                    kid_reference_size=fid.kid_reference_size, batch_size=batch_size,
+                                    progress_bar=self.settings.progress_bar)
+    return variables, digest, reference, moments_path, kid_path
 
   def fid(self, params, checkpoint_dir, record):
     started = time.perf_counter()
-    variables, digest, reference, path = self.fid_reference()
+    variables, digest, reference, path, kid_path = self.fid_reference()
     samples = self.settings.samples
     directory = record["samples"]["directory"]
     # The metrics of these samples against this reference: computed once (the 2048-d Fréchet distance alone
     # takes seconds to minutes on a CPU), then read back.
     result_path = os.path.join(directory, "fid-" + fingerprint(
-        {"reference": os.path.basename(path), "num_samples": samples.num_samples,
-         **dataclasses.asdict(self.settings.fid), "inception_path": digest}) + ".json")
+        {"reference": os.path.basename(path), "kid_reference": os.path.basename(kid_path or ""),
+         "num_samples": samples.num_samples, **dataclasses.asdict(self.settings.fid),
+         "inception_path": digest}) + ".json")
     if os.path.isfile(result_path):
       with open(result_path) as file:
         return {**json.load(file), "reused": True}
     variables = variables or inception.load_fid_inception(self.settings.fid.inception_path)
-    pool, logits = inception_sample_outputs(
+    pool, logits, nonfinite = inception_sample_outputs(
         variables, directory, digest, samples.num_samples, samples.shard_size, self.scaler.to_uint8,
         batch_size=self.settings.batch_size, progress_bar=self.settings.progress_bar)
-    out = {**inception_metrics(pool, logits, reference, self.settings.fid), "reference": path,
-           "reference_num_examples": reference.num_examples, "seconds": time.perf_counter() - started}
+    out = {**inception_metrics(pool, logits, reference, self.settings.fid), "num_nonfinite_samples": nonfinite,
+           "reference": path, "kid_reference": kid_path, "reference_num_examples": reference.num_examples,
+           "seconds": time.perf_counter() - started}
     write_json(result_path, out)
     return out
 
@@ -1071,10 +1353,11 @@ class _TaskRunners:
   def digits(self, params, checkpoint_dir, record):
     started = time.perf_counter()
     classifier, classifier_path, reference, path = self.digits_reference()
-    samples = self._load_samples(record)
+    samples, nonfinite = self._load_finite_samples(record)
+    # Samples are rounded to levels by the training scaler (`to_levels`), as real digits are levels.
     quality = digits_metric.evaluate_digits_samples(classifier, samples, reference, scaler=self.scaler)
-    out = {**quality._asdict(), "classifier": classifier_path, "classifier_test_accuracy": classifier.test_accuracy,
-           "reference": path}
+    out = {**quality._asdict(), "num_nonfinite_samples": nonfinite, "classifier": classifier_path,
+           "classifier_test_accuracy": classifier.test_accuracy, "reference": path}
     # The same metric on real held-out digits, to read the numbers against. The Fréchet distance of a finite set
     # is biased upwards by about tr(Sigma)/N, so the samples are also scored at the real set's size.
     real_split = "test" if self.settings.digits.reference_split != "test" else "train"
@@ -1094,7 +1377,8 @@ def compute_reference_statistics(config, workdir: str | os.PathLike) -> dict[str
   """Computes (or finds cached) the reference statistics that the quality tasks of `config.eval` need.
 
   The digits metric's classifier and its reference statistics, and/or the Inception reference statistics of
-  `eval.fid.reference_split`, are written to `eval.cache_dir` (default `workdir/eval/cache`).
+  `eval.fid.reference_split` (the moments and, with KID, the features), are written to `eval.cache_dir` (default
+  `workdir/eval/cache`).
 
   Returns:
     `{name: path}` of the cached files.
@@ -1103,14 +1387,15 @@ def compute_reference_statistics(config, workdir: str | os.PathLike) -> dict[str
   settings = build_eval_settings(config)
   output_dir = settings.output_dir or os.path.join(os.fspath(workdir), "eval")
   cache_dir = settings.cache_dir or os.path.join(output_dir, "cache")
-  stream = _stream(experiment.data, experiment.data.split, 1)
-  runners = _TaskRunners(experiment, settings, tuple(stream.element_shape), stream.scaler, cache_dir)
-  stream.close()
+  element_shape, scaler = model_space(experiment.data)
+  runners = _TaskRunners(experiment, settings, element_shape, scaler, cache_dir)
   paths = {}
   if "digits" in settings.tasks:
     _, paths["digits_classifier"], _, paths["digits_reference"] = runners.digits_reference()
   if "fid" in settings.tasks:
-    _, _, _, paths["inception_reference"] = runners.fid_reference()
+    _, _, _, paths["inception_reference"], kid_path = runners.fid_reference()
+    if kid_path:
+      paths["inception_kid_reference"] = kid_path
   if not paths:
     raise builders.ConfigError(f"config.eval.tasks={','.join(settings.tasks)!r} needs no reference statistics; "
                                "add 'fid', 'digits' or 'quality'.")
@@ -1151,6 +1436,9 @@ def format_results(record: dict[str, Any]) -> str:
                  f"NFE {_fmt(r['nfe_mean'], '.1f')} per sample{reused}, in {r['directory']}")
     if r.get("num_failed_shards"):
       lines.append(f"  warning: {r['num_failed_shards']} shard(s) report a sampler failure (status != 0).")
+    if r.get("num_nonfinite"):
+      lines.append(f"  warning: {r['num_nonfinite']} of {r['num_samples']} samples hold NaN or infinite values; they "
+                   "are left out of the quality metrics. Check the sampler's settings and the checkpoint.")
   if "digits" in record:
     r, real = record["digits"], record["digits"]["real_data"]
     matched = (f" (first {r['fd_matched_num_examples']} samples: {_fmt(r['fd_matched'])})"
@@ -1160,11 +1448,13 @@ def format_results(record: dict[str, Any]) -> str:
       return (f"confidence {_fmt(q['mean_confidence'], '.3f')}, class entropy {_fmt(q['class_entropy'], '.3f')} "
               f"nats, classifier score {_fmt(q['classifier_score'], '.3f')}")
 
-    lines.append(f"  digits metric: FD {_fmt(r['fd'])}{matched}, {scores(r)}")
+    left_out = f" ({r['num_nonfinite_samples']} non-finite samples left out)" if r.get("num_nonfinite_samples") else ""
+    lines.append(f"  digits metric: FD {_fmt(r['fd'])}{matched}, {scores(r)}{left_out}")
     lines.append(f"    real {real['split']} digits ({real['num_examples']}): FD {_fmt(real['fd'])}, {scores(real)}")
   if "fid" in record:
     r = record["fid"]
     kid = f", KID {_fmt(r['kid'])} ± {_fmt(r['kid_std'], '.2g')}" if "kid" in r else ""
+    left_out = f", {r['num_nonfinite_samples']} non-finite left out" if r.get("num_nonfinite_samples") else ""
     lines.append(f"  FID {_fmt(r['fid'])}, IS {_fmt(r['inception_score'])} ± {_fmt(r['inception_score_std'], '.2g')}"
-                 f"{kid} ({r['num_samples']} samples vs {r['reference_num_examples']} reference images)")
+                 f"{kid} ({r['num_samples']} samples{left_out} vs {r['reference_num_examples']} reference images)")
   return "\n".join(lines)
