@@ -269,7 +269,7 @@ def test_dequantized_values_stay_in_their_cell_for_adversarial_noise(scaler, num
   u = (k * 2.0**-24).astype(np.float32)
   levels = np.broadcast_to(np.arange(num_levels, dtype=np.float32)[:, None], (num_levels, len(u))).copy()
   x = pipeline._dequantized(levels, np.broadcast_to(u, levels.shape), np.float32(scaler.scale),
-                            np.float32(scaler.shift))
+                            np.float32(scaler.shift), num_levels)
   assert x.dtype == np.float32
   np.testing.assert_array_equal(scaler.to_levels(x), levels)
   # The range [b, b + s L), which is (b + s L, b] for s < 0.

@@ -176,7 +176,8 @@ def _uniform_float32(seed: int, counters: np.ndarray) -> np.ndarray:
 _MAX_CELL_STEPS = 8
 
 
-def _dequantized(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np.float32) -> np.ndarray:
+def _dequantized(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np.float32,
+                 num_levels: int) -> np.ndarray:
   r"""Model-space values :math:`x = s\,(l + u) + b` (float32) that stay in the cell of their level `l`.
 
   In float32 two roundings can push a value into the next cell: `l + u` rounds up to `l + 1` when `u` is
@@ -187,15 +188,16 @@ def _dequantized(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np
   land in another cell. Those are settled by :func:`_settle_in_cells`; all others are `s (l + u) + b` as is.
 
   Args:
-    levels: float32 `[*S]`, integer levels `l >= 0`.
+    levels: float32 `[*S]`, integer levels `l` in `0 .. num_levels - 1`.
     u: float32 `[*S]` in `[0, 1)`.
     scale, shift: :math:`s` and :math:`b` of the dequantized scaler, as float32.
+    num_levels: `L`, which bounds the levels.
 
   Returns:
     float32 `[*S]`.
   """
   x = scale * (levels + u) + shift
-  margin = 64 * float(np.finfo(np.float32).eps) * (float(np.max(levels, initial=0)) + abs(float(shift / scale)) + 1)
+  margin = 64 * float(np.finfo(np.float32).eps) * (num_levels + abs(float(shift / scale)))
   near = np.flatnonzero((u < margin) | (u > 1 - margin))
   if near.size:
     x.reshape(-1)[near] = _settle_in_cells(levels.reshape(-1)[near], u.reshape(-1)[near], scale, shift)
@@ -262,6 +264,7 @@ class _ImageBatches:
     self._noise_seed = noise_seed
     self._scale = np.float32(scaler.scale)
     self._shift = np.float32(scaler.shift)
+    self._num_levels = scaler.num_levels
     self._first_offset = process_index * local_batch_size
     self._global_batch_size = global_batch_size
     self._local_batch_size = local_batch_size
@@ -284,7 +287,7 @@ class _ImageBatches:
     num_dims = math.prod(self._element_shape)
     counters = positions[:, None].astype(np.uint64) * np.uint64(num_dims) + np.arange(num_dims, dtype=np.uint64)
     u = _uniform_float32(self._noise_seed, counters).reshape(levels.shape)
-    return {"x": _dequantized(levels, u, self._scale, self._shift), "label": labels}
+    return {"x": _dequantized(levels, u, self._scale, self._shift, self._num_levels), "label": labels}
 
 
 class _InMemoryExamples:

@@ -92,7 +92,8 @@ from scoreflow.evaluate.metrics import atomic_savez
 from scoreflow.likelihood import bits_per_dim, dequantize, log_likelihood
 from scoreflow.parameterization import make_score_fn
 from scoreflow.train import builders, sharding
-from scoreflow.train.checkpoint import CONFIG_FILE, CheckpointError, Checkpointer, config_differences
+from scoreflow.train.checkpoint import (CONFIG_FILE, CheckpointError, Checkpointer, config_differences,
+                                        field_matches, flatten_config)
 from scoreflow.train.step import make_network
 
 TASKS = ("bpd", "samples", "fid", "digits")
@@ -664,6 +665,11 @@ def finite_rows(samples: np.ndarray) -> np.ndarray:
   return np.all(np.isfinite(samples.reshape(samples.shape[0], -1)), axis=1)
 
 
+def _no_finite_samples(num_samples: int, directory: str) -> ValueError:
+  return ValueError(f"all {num_samples} samples in {directory} hold NaN or infinite values; there is nothing to "
+                    "score. Check the sampler's settings (see each shard's `status`) and the checkpoint.")
+
+
 def generate_samples(sample_shard: Callable[[int], tuple[np.ndarray, dict]], directory: str, *, num_samples: int,
                      shard_size: int, progress_bar: bool = False) -> SampleResult:
   """Draws `num_samples` samples in shards of `shard_size`, skipping shards already written in `directory`.
@@ -916,8 +922,7 @@ def shard_outputs(outputs_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
   finally:
     bar.close()
   if not pools:
-    raise ValueError(f"all {num_samples} samples in {sample_dir} hold NaN or infinite values; there is nothing to "
-                     "score. Check the sampler's settings (see each shard's `status`) and the checkpoint.")
+    raise _no_finite_samples(num_samples, sample_dir)
   return np.concatenate(pools), np.concatenate(logits), nonfinite
 
 
@@ -1037,21 +1042,10 @@ def _json_config(config) -> dict:
   return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config), default=str))
 
 
-def _is_model_field(name: str) -> bool:
-  return any(name == s or (s.endswith(".") and name.startswith(s)) for s in MODEL_SECTIONS)
-
-
 def model_fields(config) -> dict[str, Any]:
   """`{"section.field": value}` of the model-defining fields (:data:`MODEL_SECTIONS`) of `config`."""
-  fields, pending = {}, [("", _json_config(config))]
-  while pending:
-    prefix, node = pending.pop()
-    for key, value in node.items():
-      if isinstance(value, dict):
-        pending.append((f"{prefix}{key}.", value))
-      elif _is_model_field(prefix + key):
-        fields[prefix + key] = value
-  return dict(sorted(fields.items()))
+  return {name: value for name, value in sorted(flatten_config(_json_config(config)).items())
+          if field_matches(name, MODEL_SECTIONS)}
 
 
 def _workdir_config_differences(workdir: str, config) -> dict[str, tuple]:
@@ -1061,7 +1055,8 @@ def _workdir_config_differences(workdir: str, config) -> dict[str, tuple]:
     return {}
   with open(path) as file:
     saved = json.load(file)
-  return {name: d for name, d in config_differences(saved, _json_config(config)).items() if _is_model_field(name)}
+  return {name: d for name, d in config_differences(saved, _json_config(config)).items()
+          if field_matches(name, MODEL_SECTIONS)}
 
 
 def _describe_differences(differences: dict[str, tuple]) -> str:
@@ -1293,8 +1288,7 @@ class _TaskRunners:
                            self.settings.samples.shard_size)
     finite = finite_rows(samples)
     if not finite.any():
-      raise ValueError(f"all {samples.shape[0]} samples in {record['samples']['directory']} hold NaN or infinite "
-                       "values; there is nothing to score. Check the sampler's settings and the checkpoint.")
+      raise _no_finite_samples(samples.shape[0], record["samples"]["directory"])
     return samples[finite], int(samples.shape[0] - finite.sum())
 
   # --- FID / IS / KID ---

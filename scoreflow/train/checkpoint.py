@@ -227,18 +227,24 @@ class Checkpointer:
 
 # --- The run's configuration, kept beside its checkpoints. -----------------------------------------------------
 
-def _flatten(tree, prefix=""):
+def flatten_config(tree, prefix="") -> dict:
+  """`{"a.b": value}` for every leaf field of a nested dict (a config as JSON)."""
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten_config(value, f"{prefix}{key}."))
     return out
   return {prefix[:-1]: tree}
 
 
+def field_matches(name: str, patterns) -> bool:
+  """Whether dotted field `name` is one of `patterns`, or lies in one of them that ends in "." (a section)."""
+  return any(name == p or (p.endswith(".") and name.startswith(p)) for p in patterns)
+
+
 def config_differences(old: dict, new: dict) -> dict[str, tuple]:
   """`{"a.b": (old, new)}` for every leaf field that differs between two nested dicts."""
-  old_flat, new_flat = _flatten(old), _flatten(new)
+  old_flat, new_flat = flatten_config(old), flatten_config(new)
   missing = object()
   diffs = {}
   for name in sorted(set(old_flat) | set(new_flat)):
@@ -285,11 +291,7 @@ def check_workdir_config(workdir: str | os.PathLike, config: dict, *, allowed_ch
     except (OSError, json.JSONDecodeError) as error:
       raise CheckpointError(f"{path} cannot be read ({error}); delete it or use a fresh --workdir.") from None
     diffs = config_differences(old, config)
-
-    def allowed(name):
-      return any(name == a or (a.endswith(".") and name.startswith(a)) for a in allowed_changes)
-
-    blocking = {name: d for name, d in diffs.items() if not allowed(name)}
+    blocking = {name: d for name, d in diffs.items() if not field_matches(name, allowed_changes)}
     if blocking and not allow_config_change:
       def describe(name, old, new):
         return f"{name}: {old!r} in the workdir, {new!r} now" + (f" ({notes[name]})" if name in notes else "")

@@ -182,8 +182,9 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     # A finite gradient can still overflow its norm (clipping then silently zeroes the update) or Adam's second
     # moment; checking the results keeps every non-finite value out of the state that checkpoints save.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
-    halted = state.nonfinite_steps > skipped_before if nonfinite == "halt" else jnp.asarray(False)
-    finite = finite & ~halted
+    if nonfinite == "halt":
+      halted = state.nonfinite_steps > skipped_before
+      finite = finite & ~halted
 
     def apply(state):
       ema = update_ema(state.ema_params, params, ema_decay(state.step, ema_rate, ema_warmup))
