@@ -205,6 +205,26 @@ def test_variance_reduced_time_sampling(getkey):
     assert_mean_within_standard_error(aux.per_example, expected, inflate=math.sqrt(2))
 
 
+@pytest.mark.parametrize("name, p_mean, p_std", [("ve", -1.2, 1.2), ("vp", -0.5, 0.8)])
+def test_edm_noise_levels_are_log_normal(name, p_mean, p_std):
+  """ln(sigma_t / alpha_t) of the times edm_loss draws is N(P_mean, P_std^2) (Karras et al. 2022, Sec. 5).
+
+  Kolmogorov-Smirnov on n = 100000 draws (the clipping to [eps, T] moves less than 1e-5 of the mass: the clip
+  points are more than 4.6 P_std from P_mean). A false alarm has probability 1e-4; the same draws against
+  N(P_mean, (1.05 P_std)^2) or N(P_mean + 0.05 P_std, P_std^2) give a KS statistic near 0.012 and 0.02, i.e.
+  sqrt(n) D of about 3.8 and 6, p-values below 1e-10: the test sees a 5 % error in either parameter.
+  """
+  import scipy.stats
+  sde = {"ve": sf.VESDE(sigma_min=0.002, sigma_max=80.0), "vp": sf.VPSDE()}[name]
+  n = 100_000
+  x0 = jnp.zeros((n, 1))
+  _, aux = sf.edm_loss(jax.random.key(11), x0, lambda x, t: -x, sde, p_mean=p_mean, p_std=p_std, eps=1e-5)
+  log_sigma = np.log(np.asarray(sde.sigma(aux.t) / sde.alpha(aux.t)))
+  assert scipy.stats.kstest(log_sigma, scipy.stats.norm(p_mean, p_std).cdf).pvalue > 1e-4
+  assert scipy.stats.kstest(log_sigma, scipy.stats.norm(p_mean, 1.05 * p_std).cdf).pvalue < 1e-6
+  assert scipy.stats.kstest(log_sigma, scipy.stats.norm(p_mean + 0.05 * p_std, p_std).cdf).pvalue < 1e-6
+
+
 def test_jit_grad_and_no_recompilation_when_hyperparameters_change(getkey):
   traces = []
   x0 = DATA.sample(getkey(), 32)

@@ -82,6 +82,39 @@ def test_edm_coefficients_match_karras_table_1():
   np.testing.assert_allclose(c_noise, np.log(sigma) / 4, rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["vp", "subvp"])
+def test_edm_coefficients_on_vp_and_subvp_match_karras_table_1(name, getkey):
+  """On VP and sub-VP the coefficients are Table 1's EDM column at the scaled level sigma~ = sigma_t / alpha_t,
+  with Table 1's VP schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) and scaling
+  s(t) = 1 / sqrt(1 + sigma(t)^2); for sub-VP, sigma~ = (1 - e^{-B}) / e^{-B/2} = 2 sinh(B/2) and
+  alpha = e^{-B/2}, with B(t) = beta_min t + beta_d t^2 / 2 (Song et al. 2021, Eq. 29 and Appendix B)."""
+  sde = {"vp": sf.VPSDE(beta_min=0.1, beta_max=20.0), "subvp": sf.SubVPSDE(beta_min=0.1, beta_max=20.0)}[name]
+  t = np.linspace(0.02, 1.0, 7)
+  integrated_beta = 0.1 * t + 0.5 * 19.9 * t**2
+  if name == "vp":
+    sigma = np.sqrt(np.exp(integrated_beta) - 1)
+    scale = 1 / np.sqrt(1 + sigma**2)
+  else:
+    sigma, scale = 2 * np.sinh(integrated_beta / 2), np.exp(-integrated_beta / 2)
+  sd = 0.5
+  edm = sf.EDMPreconditioning(sigma_data=sd)
+  c_skip, c_out, c_in, c_noise, alpha = edm.coefficients(sde, jnp.asarray(t))
+  np.testing.assert_allclose(alpha, scale, rtol=1e-12)
+  np.testing.assert_allclose(c_skip, sd**2 / (sigma**2 + sd**2), rtol=1e-11)
+  np.testing.assert_allclose(c_out, sigma * sd / np.sqrt(sigma**2 + sd**2), rtol=1e-11)
+  np.testing.assert_allclose(c_in, 1 / np.sqrt(sigma**2 + sd**2), rtol=1e-11)
+  np.testing.assert_allclose(c_noise, np.log(sigma) / 4, rtol=1e-11, atol=1e-13)
+  # The network sees c_in x / alpha and c_noise; its output F maps to D = c_skip x / alpha + c_out F.
+  x, output = jax.random.normal(getkey(), (7, 3)), jax.random.normal(getkey(), (7, 3))
+  x_in, noise_in = edm.network_inputs(sde, x, jnp.asarray(t))
+  np.testing.assert_allclose(x_in, (c_in / alpha)[:, None] * x, rtol=1e-12)
+  np.testing.assert_allclose(noise_in, c_noise, rtol=1e-12)
+  denoised = ((sd**2 / (sigma**2 + sd**2) / scale)[:, None] * x
+              + (sigma * sd / np.sqrt(sigma**2 + sd**2))[:, None] * output)
+  np.testing.assert_allclose(sf.score_to_x0(sde, edm.to_score(sde, output, x, jnp.asarray(t)), x, jnp.asarray(t)),
+                             denoised, rtol=1e-10, atol=1e-12)
+
+
 def test_edm_network_input_has_unit_variance_for_data_of_variance_sigma_data(getkey):
   """c_in makes Var(c_in x~) = 1 when the data has std sigma_data (the point of the preconditioning)."""
   sde, sd = sf.VPSDE(), 0.5
