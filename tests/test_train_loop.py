@@ -132,10 +132,8 @@ def test_bad_config_names_the_field(path, value, message):
   section, field = path.split(".")
   config = tiny_config()
   config[section][field] = value
-  started = time.perf_counter()
   with pytest.raises(ValueError, match=message):
     builders.build_experiment(config)
-  assert time.perf_counter() - started < 5
 
 
 def test_unknown_model_argument_is_named():
@@ -148,10 +146,10 @@ def test_unknown_model_argument_is_named():
 def test_missing_dataset_fails_fast(tmp_path):
   config = tiny_config(**{"data.name": "cifar10", "data.data_dir": str(tmp_path / "no_data")})
   config.model = toy_2d.default.model_config("ddpmpp_digits")
-  started = time.perf_counter()
   with pytest.raises(FileNotFoundError, match="cifar10"):
     loop.train_and_evaluate(config, tmp_path / "run")
-  assert time.perf_counter() - started < 20
+  # Before any model is built or step compiled, so before any checkpoint (timing belongs in bench/).
+  assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
 
 
 def test_workdir_of_another_config_is_not_clobbered(tmp_path):
