@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import toy_2d
@@ -33,3 +34,64 @@ def test_unknown_sampling_method_names_the_field():
   config.sampling.method = "heun"
   with pytest.raises(builders.ConfigError, match=r"config.sampling.method must be one of .*'dpm_solver'.*got 'heun'"):
     builders.build_experiment(config)
+
+
+# --- config.loss -> the loss: every field reaches it (issue 15, item 5). ---------------------------------------
+
+DSM_FIELDS = dict(weighting="likelihood", importance_sampling=True, reduce_mean=False, eps=1e-3,
+                  t_sampling="stratified")  # Every field off its default (sigma2, False, True, 1e-5, iid).
+EDM_FIELDS = dict(p_mean=0.3, p_std=0.5, sigma_data=0.7, eps=1e-3, reduce_mean=False)  # (-1.2, 1.2, 0.5, 1e-5, True)
+
+
+def _toy_config(name, fields):
+  from configs import default
+  config = toy_2d.get_config()
+  config.model = default.model_config("mlp_toy", width=16, depth=1, embedding_dim=16)
+  config.loss.name = name
+  for field, value in fields.items():
+    config.loss[field] = value
+  return config
+
+
+@pytest.mark.parametrize("name, fields", [("dsm", DSM_FIELDS), ("edm", EDM_FIELDS)])
+def test_each_config_loss_field_reaches_loss_kwargs(name, fields):
+  """Changing one config.loss field changes exactly that keyword of the loss (and only the loss's fields go)."""
+  defaults = builders.build_experiment(_toy_config(name, {})).loss_kwargs
+  assert set(defaults) == set(fields)
+  for field, value in fields.items():
+    experiment = builders.build_experiment(_toy_config(name, {field: value} | (
+        {"weighting": "likelihood"} if field == "importance_sampling" else {})))
+    assert experiment.loss == name and experiment.loss_kwargs[field] == value and value != defaults[field]
+
+
+@pytest.mark.parametrize("name, fields", [("dsm", DSM_FIELDS), ("edm", EDM_FIELDS)])
+def test_objective_of_the_config_is_the_loss_called_by_hand(name, fields):
+  """make_objective(**build_experiment(config).loss_kwargs) equals sf.dsm_loss / sf.edm_loss called by hand with
+  the config's fields and an SDE built from its numbers, and differs from the default config's objective."""
+  import scoreflow as sf
+  from scoreflow.train.step import make_objective
+
+  experiment = builders.build_experiment(_toy_config(name, fields))
+  model = experiment.model
+  x0 = jax.random.normal(jax.random.key(1), (64, 2), jnp.float32)
+  params = model.init(jax.random.key(0), x0, jnp.zeros((64,), jnp.float32), train=False)["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape, p.dtype), params)
+  key = jax.random.key(3)
+
+  def objective_value(experiment):
+    objective = make_objective(model.apply, experiment.process, parameterization=experiment.parameterization,
+                               loss=experiment.loss, compute_dtype=experiment.compute_dtype,
+                               **experiment.loss_kwargs)
+    return float(objective(params, key, x0)[0])
+
+  config = toy_2d.get_config()
+  sde = sf.VPSDE(beta_min=config.sde.beta_min, beta_max=config.sde.beta_max)
+  key_loss, key_dropout = jax.random.split(key)  # make_objective's split.
+  network = lambda p, x, cond: model.apply({"params": p}, x, cond, train=True, rngs={"dropout": key_dropout})
+  score_fn = sf.make_score_fn(network, params, sde, experiment.parameterization)
+  loss_fn = {"dsm": sf.dsm_loss, "edm": sf.edm_loss}[name]
+  expected = float(loss_fn(key_loss, x0, score_fn, sde, **fields)[0])
+  value = objective_value(experiment)
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  default_value = objective_value(builders.build_experiment(_toy_config(name, {})))
+  assert abs(value - default_value) > 1e-2 * abs(default_value), (value, default_value)
