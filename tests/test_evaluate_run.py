@@ -723,6 +723,39 @@ def test_inception_metrics_of_a_run_are_cached_and_consistent(tmp_path):
   np.testing.assert_allclose(np.concatenate([np.load(os.path.join(directory, f))["pool"] for f in cached]), pool,
                              rtol=1e-5, atol=1e-6)
 
+  # The metrics, recomputed by hand from the cached features and the cached reference (issue 15, item 6).
+  cached_pool = np.concatenate([np.load(os.path.join(directory, f))["pool"] for f in cached]).astype(np.float64)
+  cached_logits = np.concatenate([np.load(os.path.join(directory, f))["logits"] for f in cached]).astype(np.float64)
+  assert cached_pool.shape == (12, 2048) and cached_logits.shape == (12, 1008)
+  # FID = |mu - mu_r|^2 + tr S + tr S_r - 2 tr (S S_r)^(1/2). With S = A A^T (A = centred features / sqrt(n - 1),
+  # [d, 12]) the non-zero eigenvalues of S S_r are those of the 12 x 12 PSD matrix A^T S_r A, so the trace of the
+  # square root is the sum of their square roots: exact, without a 2048-d matrix square root.
+  centred = (cached_pool - cached_pool.mean(0)).T / np.sqrt(11)
+  eigenvalues = np.linalg.eigvalsh(centred.T @ reference.sigma @ centred)
+  fid_by_hand = (np.sum((cached_pool.mean(0) - reference.mu) ** 2) + np.sum(centred**2) + np.trace(reference.sigma)
+                 - 2 * np.sum(np.sqrt(np.clip(eigenvalues, 0, None))))
+  # The library's 2048-d PSD square root of rank-deficient matrices (rank 11 and 19) loses accuracy on its ~2000
+  # zero eigenvalues, each of which may contribute sqrt(float64 eps * |S|) ~ 1e-8 |S|^(1/2): 1e-6 relative covers it.
+  np.testing.assert_allclose(fid["fid"], fid_by_hand, rtol=1e-6)
+  # IS over is_num_splits = 2 contiguous halves: exp E_x KL(p(y|x) || p(y)).
+  log_p = cached_logits - np.log(np.sum(np.exp(cached_logits - cached_logits.max(1, keepdims=True)), 1,
+                                        keepdims=True)) - cached_logits.max(1, keepdims=True)
+  scores = [np.exp(np.mean(np.sum(np.exp(part) * (part - np.log(np.exp(part).mean(0))), 1)))
+            for part in (log_p[:6], log_p[6:])]
+  np.testing.assert_allclose([fid["inception_score"], fid["inception_score_std"]], [np.mean(scores), np.std(scores)],
+                             rtol=1e-9)
+  # KID: 4 subsets of 6 samples and 6 of the 16 reference features (seed 0: x's subset, then y's, per round), the
+  # unbiased MMD^2 with the cubic kernel (x.y / d + 1)^3.
+  kid_features = np.load(fid["kid_reference"])["features"].astype(np.float64)
+  rng, values = np.random.default_rng(0), []
+  for _ in range(4):
+    x = cached_pool[rng.choice(12, 6, replace=False)]
+    y = kid_features[rng.choice(16, 6, replace=False)]
+    k = lambda a, b: (a @ b.T / 2048 + 1) ** 3  # noqa: E731
+    off_diagonal = lambda m: (m.sum() - np.trace(m)) / 30  # noqa: E731
+    values.append(off_diagonal(k(x, x)) + off_diagonal(k(y, y)) - 2 * k(x, y).mean())
+  np.testing.assert_allclose([fid["kid"], fid["kid_std"]], [np.mean(values), np.std(values)], rtol=1e-9, atol=1e-12)
+
   # A second evaluation reuses the reference statistics and the metrics (the 2048-d Fréchet distance is slow).
   files = [fid["reference"], fid["kid_reference"]] + [os.path.join(directory, f) for f in os.listdir(directory)
                                                       if f.startswith("fid-")]
