@@ -44,7 +44,9 @@ def main(argv):
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from scoreflow.train import loop
 
-  loop.train_and_evaluate(_CONFIG.value, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  summary = loop.train_and_evaluate(_CONFIG.value, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  if summary.get("abandoned_computation"):
+    cli.exit_now(0)  # Stopped by SIGTERM mid-sampling: do not wait for the abandoned device computation.
 
 
 if __name__ == "__main__":

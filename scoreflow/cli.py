@@ -1,11 +1,21 @@
 """What `run_train.py` and `run_eval.py` share: the compilation-cache flag, start-up checks and one-line errors.
 
+Every failure a user can fix is reported as one `error: ...` line naming the thing and the fix, with exit status 1:
+scoreflow's own checks (config values, checkpoints, data), a config file or `--config.<field>` that does not
+exist, and the environment (an unwritable or full disk, a missing path), whether the OS error surfaced in Python
+or inside TensorStore's checkpoint writes. Errors from inside JAX, Flax or another library keep their traceback.
+Asyncio's complaints about Orbax's abandoned coroutines at exit, which follow such errors, are dropped.
+
 Importing this module defines `--compilation_cache_dir` (absl flags are global to the program).
 """
 
 from __future__ import annotations
 
+import errno
+import logging as py_logging
 import os
+import re
+import sys
 import traceback
 from typing import Callable, Sequence
 
@@ -23,6 +33,23 @@ _OWN_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
              os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "run_")
 
 
+# OS errors that the environment causes and a user fixes (permissions, space, paths), by errno.
+_ENVIRONMENT_ERRNOS = {
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.ENOTDIR: "a path component is a file, not a directory", errno.EISDIR: "is a directory",
+    errno.ENOENT: "no such file or directory", errno.EEXIST: "already exists", errno.EIO: "input/output error",
+    errno.ENAMETOOLONG: "file name too long",
+}
+_FIXES = {
+    errno.ENOSPC: "free space on that disk (or pass a --workdir on another one) and rerun the same command; "
+                  "complete checkpoints are kept and the run resumes from the newest",
+    errno.EDQUOT: "free space within your quota (or pass a --workdir elsewhere) and rerun the same command",
+    errno.EIO: "check the disk, then rerun the same command",
+}
+_DEFAULT_FIX = "make it writable or pass another --workdir"
+
+
 def start(argv: Sequence[str]) -> None:
   """Rejects stray arguments, quiets INFO logs unless --verbosity is given, enables the compilation cache."""
   if len(argv) > 1:
@@ -37,13 +64,110 @@ def start(argv: Sequence[str]) -> None:
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
-  """`absl.app.run(main)`, printing scoreflow's own checks' errors as one `error: ...` line (exit status 1)."""
+  """`absl.app.run(main)`, printing user-fixable failures as one `error: ...` line (exit status 1)."""
+  _quiet_abandoned_coroutines()
   try:
-    app.run(main)
-  except USER_ERRORS as error:
-    if not raised_by_own_check(error):
+    app.run(main, flags_parser=parse_flags)
+  except Exception as error:  # pylint: disable=broad-except
+    message = user_error_message(error)
+    if message is None:
       raise  # A failure inside JAX, Flax or another library: the traceback is the useful part.
-    raise SystemExit(f"error: {error}") from None
+    raise SystemExit(f"error: {message}") from None
+
+
+def exit_now(status: int = 0) -> None:
+  """Ends the process at once (after flushing its output), without waiting for a device computation that was
+  abandoned (e.g. sampling interrupted by SIGTERM): the runtime's teardown would wait for it to finish."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def parse_flags(argv: Sequence[str]):
+  """absl's flag parsing, with a missing config file and an unknown `--config.<field>` as one-line errors."""
+  for index, arg in enumerate(argv[1:], 1):  # --config PATH or --config=PATH (an optional ":args" suffix).
+    name, _, value = arg.partition("=")
+    if name in ("--config", "-config") and not value and index + 1 < len(argv):
+      value = argv[index + 1]
+    if name in ("--config", "-config") and value:
+      path = value.split(":")[0]
+      if not os.path.isfile(path):
+        raise SystemExit(f"error: --config {value}: no such file ({os.path.abspath(path)}); pass a configuration "
+                         "file such as configs/toy_2d.py.")
+  try:
+    return app.parse_flags_with_usage(list(argv))
+  except (AttributeError, KeyError) as error:  # ml_collections on an override of a field that does not exist.
+    if not any("ml_collections" in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+      raise
+    raise SystemExit(f"error: {_unknown_field_message(error, argv)}") from None
+
+
+def _unknown_field_message(error: BaseException, argv: Sequence[str]) -> str:
+  text = str(error).encode().decode("unicode_escape") if "\\" in str(error) else str(error)
+  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  field = suggestion.group(2) if suggestion else (re.findall(r"'([^'\\]+)'", text) or ["?"])[0]
+  override = next((arg.split("=")[0] for arg in argv if arg.startswith("--config.") and
+                   re.search(rf"[.]{re.escape(field)}(=|[.]|$)", arg.split("=")[0] + "=")), None)
+  where = f"{override}: " if override else ""
+  hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+  return (f"{where}the configuration has no field {field!r}{hint}; every field is listed, with its meaning, in "
+          "configs/default.py.")
+
+
+def user_error_message(error: BaseException) -> str | None:
+  """The one-line message for a failure a user can fix, or None for one whose traceback is the useful part."""
+  if isinstance(error, USER_ERRORS) and raised_by_own_check(error):
+    return str(error)
+  return environment_error_message(error)
+
+
+def environment_error_message(error: BaseException) -> str | None:
+  """One line for an OS error the environment caused (permissions, space, paths), found anywhere in the chain of
+  `error`'s causes, also inside TensorStore's messages (`[os_error_code='28']`); None if there is none."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    code, path = None, None
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+      code, path = error.errno, error.filename
+    else:
+      found = re.search(r"os_error_code='(\d+)'", str(error))
+      if found and int(found.group(1)) in _ENVIRONMENT_ERRNOS:
+        code = int(found.group(1))
+        paths = re.findall(r'(?:local file|Failed writing:|Failed to open:|Error writing|file) "([^"]+)"', str(error))
+        path = paths[-1] if paths else None
+    if code is not None:
+      if path and ".orbax-checkpoint-tmp" in path:
+        path = path.split(".orbax-checkpoint-tmp")[0] + ", a checkpoint being written"
+      where = f" ({path})" if path else ""
+      return f"{_ENVIRONMENT_ERRNOS[code]}{where}: {_FIXES.get(code, _DEFAULT_FIX)}."
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class _DropAbandonedCoroutineNoise(py_logging.Filter):
+  """Asyncio's and Orbax's reports of background work that failed or was abandoned when the run stopped on an
+  error that is reported anyway ("Task exception was never retrieved", "_SignalingThread.run() raised")."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    if "Task exception was never retrieved" in message:
+      return False
+    if "orbax" not in record.pathname or record.levelno < py_logging.ERROR:
+      return True
+    # Orbax logs a failed background save (with its traceback) before raising it in the main thread: an
+    # environment error is reported there in one line.
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("raised an exception" in message or (error is not None and environment_error_message(error)))
+
+
+def _quiet_abandoned_coroutines() -> None:
+  noise = _DropAbandonedCoroutineNoise()
+  py_logging.getLogger("asyncio").addFilter(noise)
+  logging.get_absl_logger().addFilter(noise)
+  from scoreflow.train.checkpoint import quiet_abandoned_coroutines  # pylint: disable=g-import-not-at-top
+
+  sys.unraisablehook = quiet_abandoned_coroutines(sys.unraisablehook)
 
 
 def raised_by_own_check(error: BaseException) -> bool:

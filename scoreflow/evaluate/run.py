@@ -92,8 +92,9 @@ from scoreflow.evaluate.metrics import atomic_savez
 from scoreflow.likelihood import bits_per_dim, dequantize, log_likelihood
 from scoreflow.parameterization import make_score_fn
 from scoreflow.train import builders, sharding
-from scoreflow.train.checkpoint import (CONFIG_FILE, CheckpointError, Checkpointer, config_differences,
-                                        field_matches, flatten_config)
+from scoreflow.train.checkpoint import (CONFIG_FILE, CheckpointError, CheckpointMismatchError, Checkpointer,
+                                       CorruptCheckpointError, WorkdirBusyError, WorkdirLock, config_differences,
+                                       field_matches, flatten_config)
 from scoreflow.train.step import make_network
 
 TASKS = ("bpd", "samples", "fid", "digits")
@@ -1076,20 +1077,40 @@ def checkpoint_identity(directory: str) -> str:
 
 
 def _restore_params(checkpointer: Checkpointer, abstract_state, kind: str, step: int, use_ema: bool,
-                    differences: dict[str, tuple]):
+                    differences: dict[str, tuple], *, newest_intact: bool = False):
+  """The EMA or raw parameters of checkpoint `(kind, step)`, with the `(kind, step)` they come from.
+
+  With `newest_intact` (`eval.checkpoints=latest`), a corrupt checkpoint is reported in one line and the newest
+  intact one is evaluated instead; the corrupt one is moved aside into `workdir/corrupt/` when no training run holds
+  the workdir (a running one moves it itself when it next resumes). A corrupt checkpoint asked for by step is an
+  error, told apart from a configuration mismatch."""
   try:
-    state, _, _ = checkpointer.restore(abstract_state, step=step, kind=kind)
-  except CheckpointError as error:
-    mismatched = [line for line in str(error).splitlines() if line.startswith("  ")]
-    if not mismatched:  # Not a shape mismatch (e.g. an unreadable checkpoint): Checkpointer's message says it all.
+    if newest_intact:
+      lock = WorkdirLock(checkpointer.workdir)
+      try:
+        lock.acquire()
+      except WorkdirBusyError:
+        pass
+      try:
+        state, _, step, kind = checkpointer.restore_intact(abstract_state, report=_say, move_aside=lock.held)
+      finally:
+        lock.release()
+    else:
+      state, _, _ = checkpointer.restore(abstract_state, step=step, kind=kind)
+  except CorruptCheckpointError as error:
+    if newest_intact:
       raise
+    raise CorruptCheckpointError(error.kind, error.step, error.directory, error.reason, "", message=(
+        f"cannot evaluate {error.directory}: it is corrupt or incomplete ({error.reason}); evaluate other "
+        f"checkpoints (available: {checkpointer.steps()}) or restore it from a backup.")) from None
+  except CheckpointMismatchError as error:
     named = _describe_differences(differences)
     hint = f"\nThe configuration differs from the one that trained this run in:{named}" if named else ""
     raise CheckpointError(f"cannot evaluate {checkpointer.directory(kind, step)}: its parameters do not match "
                           f"the model that --config describes.{hint}\nMismatched arrays (checkpoint vs model):\n"
-                          + "\n".join(mismatched) + "\nEvaluate with the configuration the run was trained with "
-                          "(its config.json).") from None
-  return state.ema_params if use_ema else state.params
+                          + "\n".join("  " + line for line in error.differences) + "\nEvaluate with the "
+                          "configuration the run was trained with (its config.json).") from None
+  return (state.ema_params if use_ema else state.params), kind, step
 
 
 def _sampler_description(experiment: builders.Experiment) -> dict[str, Any]:
@@ -1162,7 +1183,8 @@ def evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
            "(eval.allow_config_mismatch=True).")
     for kind, step in chosen:
       started = time.perf_counter()
-      params = _restore_params(checkpointer, abstract_state, kind, step, settings.use_ema, differences)
+      params, kind, step = _restore_params(checkpointer, abstract_state, kind, step, settings.use_ema, differences,
+                                           newest_intact=settings.checkpoints == "latest")
       source = checkpointer.directory(kind, step)
       params_kind = "ema" if settings.use_ema else "raw"
       checkpoint_dir = _task_directory(output_dir, f"step_{step}-{params_kind}",

@@ -31,7 +31,7 @@ import numpy as np
 
 from scoreflow.data import make_dataset
 from scoreflow.train import builders, sharding, visualize
-from scoreflow.train.checkpoint import Checkpointer, check_workdir_config, local_workdir
+from scoreflow.train.checkpoint import Checkpointer, WorkdirLock, check_workdir_config, local_workdir
 from scoreflow.train.step import make_objective, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,20 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
+  def wait_ready(self, tree) -> bool:
+    """Waits for the arrays of `tree` (dispatched asynchronously) while watching for SIGTERM: a blocking read
+    would hold off the signal handler until the computation ends, however long (or hung) it is.
+
+    Returns:
+      Whether they are ready (False: a preemption was requested first; the computation is abandoned).
+    """
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)]
+    while not all(leaf.is_ready() for leaf in leaves):
+      if self.requested:
+        return False
+      time.sleep(0.02)
+    return True
+
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -159,6 +173,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       tqdm.write(message)
 
   with contextlib.ExitStack() as cleanup:
+    if is_main:  # One run per workdir: taken before anything is written, released when the process ends.
+      cleanup.enter_context(WorkdirLock(workdir))
     data = experiment.data
     dataset = make_dataset(data.name, data.split, global_batch_size=settings.batch_size, seed=experiment.seed,
                            process_index=jax.process_index(), process_count=jax.process_count(),
@@ -179,16 +195,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     model, optimizer = experiment.model, experiment.optimizer
     replicated = sharding.replicated(mesh)
     abstract_state = experiment.abstract_train_state(element_shape, mesh)
-    restored = checkpointer.restore(abstract_state)
+    # The newest checkpoint that passes its integrity checks; corrupt ones are reported and moved aside.
+    restored = checkpointer.restore_intact(abstract_state, report=say)
     if restored is None:
       state = jax.jit(lambda: experiment.init_train_state(element_shape, jax.random.key(experiment.seed)),
                       out_shardings=replicated)()
       start_step = 0
     else:
-      state, meta, start_step = restored
+      state, meta, start_step, kind = restored
       if "data" in meta:
         dataset.set_state(meta["data"])
-      say(f"Resumed from step {start_step} ({checkpointer.latest()[0]}) in {workdir}.")
+      say(f"Resumed from step {start_step} ({checkpointer.directory(kind, start_step)}).")
     num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract_state.params))
     # "halt" stops at a new non-finite step, not at ones an earlier "skip" policy already skipped.
     skipped_before = int(_local(state.nonfinite_steps))
@@ -222,20 +239,28 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
             f"non-finite value; the last checkpoint is {checkpointer.latest()}. Lower config.optim.learning_rate, "
             f"keep config.optim.grad_clip on, or set config.training.nonfinite='skip' to skip such steps.")
 
-    def save(step: int, *, snapshot: bool = False):
+    saved_kind: dict[int, str] = {}
+
+    def save(step: int, *, snapshot: bool = False) -> bool:
       check_finite_policy()
       meta = {"data": dataset.get_state(), "step": step}
-      checkpointer.save(step, state, meta, snapshot=snapshot)
+      written = checkpointer.save(step, state, meta, snapshot=snapshot)
+      if written:
+        saved_kind[step] = "snapshot" if snapshot else "checkpoints"
+      return written
 
-    def draw_samples(step: int):
+    def draw_samples(step: int) -> bool:
+      """Draws and writes a sample grid; False if a preemption request interrupted the sampling."""
       params = state.ema_params if experiment.sampler.use_ema else state.params
       key = jax.random.fold_in(jax.random.key(experiment.seed + 1), step)
       started = time.perf_counter()
       x, info = sample_jit(key, params)
+      if not preemption.wait_ready((x, info)):
+        return False
       x, info = _local((x, info._asdict()))
       seconds = time.perf_counter() - started
       if not is_main:
-        return
+        return True
       os.makedirs(samples_dir, exist_ok=True)
       base = os.path.join(samples_dir, f"step_{step}")
       np.savez(base + ".npz", samples=x, **info)
@@ -244,6 +269,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       writer.image(step, "samples", picture)
       writer.scalars(step, {"sample_seconds": seconds, "sample_nfe": float(np.mean(info.get("nfe", np.nan)))})
       sample_paths.append(base + ".png")
+      return True
 
     from tqdm import tqdm
     bar = tqdm(total=settings.num_train_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -254,7 +280,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     window, window_start, window_step = [], time.perf_counter(), step
     run_start = time.perf_counter()
     last_record: dict[str, float] = {}
-    preempted = False
+    preempted = abandoned = False
+    stop_note = None  # Said once every checkpoint is written (the checkpointer's close waits for them).
     while step < settings.num_train_steps:
       batch = sharding.global_batch(_stack_batches(dataset, steps_per_call), mesh, steps_axis=steps_per_call > 1)
       if compile_seconds is None:
@@ -262,16 +289,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         state, metrics = train_step(state, batch)
         jax.block_until_ready(metrics)
         compile_seconds = time.perf_counter() - started
+        # Its steps count in the logged loss, not in the throughput (which leaves the compilation out).
         window_start, window_step = time.perf_counter(), step + steps_per_call
       else:
         state, metrics = train_step(state, batch)
-        window.append(metrics)
+      window.append(metrics)
       step += steps_per_call
       bar.update(steps_per_call)
 
       if step % settings.log_every == 0 or step == settings.num_train_steps:
         check_finite_policy()
-        host = _local(window or [metrics])
+        host = _local(window)
         elapsed = time.perf_counter() - window_start
         steps_done = step - window_step
         record = {name: _finite_mean([m[name] for m in host]) for name in ("loss", "grad_norm")}
@@ -292,20 +320,30 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       elif settings.snapshot_every and step % settings.snapshot_every == 0:
         save(step, snapshot=True)
       if settings.sample_every and step % settings.sample_every == 0 and not final:
-        draw_samples(step)
+        draw_samples(step)  # Interrupted by a preemption request, it draws nothing; the check below stops.
       if preemption.reached(step) and not final:
-        save(step, snapshot=True)
         preempted = True
-        say(f"Preemption requested: saved a snapshot at step {step}; rerun the same command to resume.")
+        if save(step, snapshot=True):
+          stop_note = f"Preemption requested: saved a snapshot at step {step}; rerun the same command to resume."
+        else:
+          held = saved_kind.get(step) or ("checkpoints" if step in checkpointer.steps()["checkpoints"] else "snapshot")
+          stop_note = (f"Preemption requested at step {step}, which {checkpointer.directory(held, step)} already "
+                       "holds (no extra snapshot written); rerun the same command to resume.")
         break
     if not preempted:
       check_finite_policy()
-      if step > start_step or not sample_paths:
-        draw_samples(step)
+      if (step > start_step or not sample_paths) and not draw_samples(step):
+        preempted = abandoned = True
+        stop_note = (f"Preemption requested during the final sampling: training is complete and checkpoint {step} "
+                     f"is saved; the final samples were not drawn (rerun the same command to draw them).")
 
+  if stop_note:
+    say(stop_note)
   total_seconds = time.perf_counter() - run_start
   summary = {
       "workdir": workdir, "step": step, "start_step": start_step, "preempted": preempted,
+      # A device computation (the final sampling) still runs: exiting the process would wait for it.
+      "abandoned_computation": abandoned,
       "num_params": num_params, "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
       "batch_size": settings.batch_size, "compile_seconds": compile_seconds, "total_seconds": total_seconds,
       "final_loss": last_record["loss"] if np.isfinite(last_record.get("loss", np.nan)) else None,
