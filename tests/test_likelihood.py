@@ -3,9 +3,17 @@
 With the exact score of Gaussian-mixture data, the probability-flow ODE transports the true marginals, so
 log_likelihood(x) must equal the analytic log p_eps(x) when the terminal density is the true p_T (passed as
 `prior_logp_fn`; the default prior N(0, prior_std^2 I) differs from p_T, tested separately where the gap is
-provably small). What is left is solver error, far below the 1e-3 nats/dim the tests allow (their solves use
-rtol = atol = 1e-6 per coordinate and per dimension of log p, and the measured error is ~1e-6 nats/dim), and,
-for Hutchinson, Monte-Carlo error that the returned standard error must describe.
+provably small). What is left is solver error, bounded per example by `solver_bound` (below), and, for
+Hutchinson, Monte-Carlo error that the returned standard error must describe.
+
+Solver error: the step-size controller accepts a step only if its local error estimate in the log-density,
+carried per dimension, is at most `atol + rtol |Delta log p / D|` (likelihood.py: the error norm takes the
+maximum of the per-leaf RMS, and the exact-trace integral is one scalar per example). Over at most
+`info.num_steps` steps these add up to `num_steps (atol + rtol |Delta log p| / D)` nats/dim; the coordinates'
+own errors (held to the same tolerance) reach the integral through the divergence's gradient, which doubles it
+at most to first order. With rtol = atol = 1e-6 that is 5e-5 to 3e-4 nats/dim here (12 to 34 steps), 3 to 20
+times tighter than the former flat 1e-3; the measured errors are 0.6e-6 to 3e-6. (The issue's 1e-6 is what one
+run measured, not a bound: the controller guarantees nothing that tight, so the test does not claim it.)
 """
 
 import jax
@@ -21,7 +29,13 @@ from _likelihood_fixtures import GAUSSIAN, MIXTURE, SDES, cast, score_fn, termin
 
 EPS = 1e-5
 TOL = dict(rtol=1e-6, atol=1e-6)
-NATS_PER_DIM = 1e-3  # The issue's accuracy requirement for the exact trace in float64.
+NATS_PER_DIM = 1e-3  # The flat accuracy requirement, kept only for the float32 test below.
+
+
+def solver_bound(info, logp, z, prior_logp_fn, num_dims, tol=1e-6):
+  """Per-example bound on the solver's error in nats/dim (module docstring): 2 num_steps (atol + rtol |Delta|)."""
+  delta = np.abs(np.asarray(logp) - np.asarray(prior_logp_fn(z))) / num_dims
+  return 2 * np.asarray(info.num_steps) * (tol + tol * delta)
 
 
 @pytest.mark.parametrize("sde_name", sorted(SDES))
@@ -33,7 +47,8 @@ def test_exact_trace_matches_analytic_density(getkey, sde_name):
                                    prior_logp_fn=terminal_logp_fn(data, sde), **TOL)
     expected = data.log_prob_t(sde, x, EPS)
     assert bool(info.success.all()), info.status
-    np.testing.assert_array_less(np.abs(logp - expected) / MIXTURE.num_dims, NATS_PER_DIM)
+    bound = solver_bound(info, logp, z, terminal_logp_fn(data, sde), MIXTURE.num_dims)
+    np.testing.assert_array_less(np.abs(logp - expected) / MIXTURE.num_dims, bound)
     assert logp.dtype == z.dtype == jnp.float64 and z.shape == x.shape
     np.testing.assert_array_equal(info.logp_stderr, 0.0)
 
@@ -42,30 +57,34 @@ def test_default_prior_for_zero_mean_vp_data(getkey):
   # Under VP, p_T of N(0, s^2) data is N(0, v) per dimension with v = alpha_T^2 s^2 + sigma_T^2 =
   # 1 + e^{-B(1)} (s^2 - 1), e^{-B(1)} = e^{-10.05} = 4.3e-5. Replacing it by N(0, 1) changes log p by
   # 0.5 (log v + z^2 (1/v - 1)) per dimension, below 4.3e-5 * (s^2 - 1) * (1 + z^2) / 2 < 3e-4 nats/dim for
-  # s^2 <= 2.25 and |z| < 5: inside the 1e-3 budget without any correction.
+  # s^2 <= 2.25 and |z| < 5. The test allows exactly that mismatch, computed per example, plus the solver bound.
   sde = SDES["VP"]
   data = GaussianMixture.gaussian(jnp.zeros(3), jnp.array([0.5, 1.5, 1.0]))
   x = data.sample(getkey(), 8)
   logp, z, info = log_likelihood(None, sde, score_fn(data, sde), x, eps=EPS, divergence="exact", **TOL)
   assert bool(info.success.all()) and float(jnp.max(jnp.abs(z))) < 5
-  np.testing.assert_array_less(np.abs(logp - data.log_prob_t(sde, x, EPS)) / 3, NATS_PER_DIM)
+  v = 1 + np.exp(-float(sde.integrated_beta(1.0))) * (np.array([0.5, 1.5, 1.0]) ** 2 - 1)
+  mismatch = np.sum(0.5 * np.abs(np.log(v) + np.asarray(z) ** 2 * (1 / v - 1)), axis=1) / 3
+  bound = solver_bound(info, logp, z, terminal_logp_fn(data, sde), 3) + mismatch
+  assert float(mismatch.max()) < 3e-4
+  np.testing.assert_array_less(np.abs(logp - data.log_prob_t(sde, x, EPS)) / 3, bound)
 
 
 @pytest.mark.parametrize("probe, per_example", [("rademacher", False), ("gaussian", True)])
 def test_hutchinson_within_its_standard_error(getkey, probe, per_example):
   sde, data, num_probes = SDES["VP"], MIXTURE, 16
   x = data.sample(getkey(), 16)
-  logp, _, info = log_likelihood(getkey(), sde, score_fn(data, sde), x, eps=EPS, probe=probe,
+  logp, z, info = log_likelihood(getkey(), sde, score_fn(data, sde), x, eps=EPS, probe=probe,
                                  num_probes=num_probes, per_example=per_example,
                                  prior_logp_fn=terminal_logp_fn(data, sde), **TOL)
   assert bool(info.success.all())
   error, stderr = logp - data.log_prob_t(sde, x, EPS), info.logp_stderr
   assert bool(jnp.all(stderr > 0))
-  # Solver error is below NATS_PER_DIM * D (previous tests); the rest is Monte-Carlo error with a standard
+  # Solver error is below solver_bound * D (previous tests); the rest is Monte-Carlo error with a standard
   # error estimated from 16 probes: (error / stderr) is Student-t with 15 degrees of freedom, P(|t| > 6) =
   # 2e-5 per example. Summed over 16 independent examples, sum(error) / sqrt(sum(stderr^2)) is close to
   # N(0, 1): |z| < 4 fails with probability 6e-5.
-  solver_slack = NATS_PER_DIM * data.num_dims
+  solver_slack = solver_bound(info, logp, z, terminal_logp_fn(data, sde), data.num_dims) * data.num_dims
   np.testing.assert_array_less(np.abs(error), 6 * stderr + solver_slack)
   z_score = float(jnp.sum(error) / jnp.sqrt(jnp.sum(stderr**2)))
   assert abs(z_score) < 4, z_score
@@ -78,10 +97,11 @@ def test_per_example_steps_are_independent(getkey):
   data = MIXTURE.__class__(MIXTURE.weights, MIXTURE.means, MIXTURE.stds.at[0].set(0.02))
   x = data.sample(getkey(), 16)
   kwargs = dict(eps=EPS, divergence="exact", prior_logp_fn=terminal_logp_fn(data, sde), **TOL)
-  logp, _, info = log_likelihood(None, sde, score_fn(data, sde), x, per_example=True, **kwargs)
+  logp, z, info = log_likelihood(None, sde, score_fn(data, sde), x, per_example=True, **kwargs)
   _, _, shared = log_likelihood(None, sde, score_fn(data, sde), x, per_example=False, **kwargs)
   assert bool(info.success.all())
-  np.testing.assert_array_less(np.abs(logp - data.log_prob_t(sde, x, EPS)) / 3, NATS_PER_DIM)
+  np.testing.assert_array_less(np.abs(logp - data.log_prob_t(sde, x, EPS)) / 3,
+                               solver_bound(info, logp, z, terminal_logp_fn(data, sde), 3))
   assert int(info.nfe.min()) < int(info.nfe.max())
   assert int(info.nfe.min()) < int(shared.nfe[0]), (info.nfe, shared.nfe)
   np.testing.assert_array_equal(shared.nfe, shared.nfe[0])
@@ -161,7 +181,8 @@ def test_failures_are_flagged_never_silent(getkey, per_example):
     assert set(rest.tolist()) <= {SolveStatus.SUCCESS, SolveStatus.NONFINITE}
     ok = np.concatenate([[False], ~nonfinite])
     assert bool(jnp.all(z[ok, 0] <= 0))
-    np.testing.assert_array_less(np.abs(logp[ok] - data.log_prob_t(sde, x[ok], EPS)) / 3, NATS_PER_DIM)
+    bound = solver_bound(info, logp, z, terminal_logp_fn(data, sde), 3)[ok]
+    np.testing.assert_array_less(np.abs(logp[ok] - data.log_prob_t(sde, x[ok], EPS)) / 3, bound)
   else:
     np.testing.assert_array_equal(info.status, SolveStatus.MAX_STEPS_REACHED)
     np.testing.assert_array_equal(info.num_steps, 64)
