@@ -24,6 +24,15 @@ def test_decay_schedules_end_at_final_ratio(schedule):
   np.testing.assert_allclose(float(rate(110)), 0.1, rtol=1e-6)
   # Half way through the decay: cosine gives (1 + cos(pi/2))/2 = 0.5, linear 0.5 as well.
   np.testing.assert_allclose(float(rate(60)), 0.1 + 0.9 * 0.5, rtol=1e-6)
+  # Every count, where the two schedules differ (at a quarter: cosine 0.854, linear 0.75): warm-up (c + 1) / 10,
+  # then 0.1 + 0.9 d(p) with p = (c - 10) / 100 clipped to [0, 1]. float32 arithmetic: a few ulp (< 1e-6).
+  count = np.arange(0, 131)
+  progress = np.clip((count - 10) / 100, 0, 1)
+  decay = 0.5 * (1 + np.cos(np.pi * progress)) if schedule == "cosine" else 1 - progress
+  expected = np.minimum((count + 1) / 10, 1) * (0.1 + 0.9 * decay)
+  np.testing.assert_allclose(np.asarray(jax.vmap(rate)(count)), expected, rtol=1e-6, atol=1e-7)
+  other = 0.5 * (1 + np.cos(np.pi * 0.25)) if schedule == "linear" else 0.75
+  assert abs(float(rate(35)) - (0.1 + 0.9 * other)) > 0.05
 
 
 def test_schedule_errors():
@@ -52,6 +61,19 @@ def test_optimizer_first_update_is_clipped_adam():
   updates, _ = tx.update(grads, tx.init(params), params)
   expected = -0.1 * 0.5 * np.asarray([1.0, -1.0, 0.0])  # warm-up factor 1/2 at the first update.
   np.testing.assert_allclose(np.asarray(updates["w"]), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_first_update_includes_decoupled_decay(weight_decay):
+  """AdamW (Loshchilov & Hutter 2019): the first update is -eta (g / (|g| + eps) + lambda theta), the decay
+  added after Adam's normalisation and scaled by the learning rate, not by the normalisation."""
+  tx = state_lib.make_optimizer(0.1, optimizer="adamw", weight_decay=weight_decay, grad_clip=None)
+  params = jnp.asarray([5.0, -3.0, 2.0], jnp.float32)
+  grads = jnp.asarray([0.5, -2.0, 0.0], jnp.float32)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = -0.1 * (np.sign([0.5, -2.0, 0.0]) + weight_decay * np.asarray([5.0, -3.0, 2.0]))
+  # |g| / (|g| + 1e-8) differs from sign(g) by < 1e-7 here; float32 rounding is ~1e-7 relative.
+  np.testing.assert_allclose(np.asarray(updates), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_adamw_minimises_quadratic():
