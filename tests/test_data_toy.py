@@ -51,14 +51,36 @@ def test_mixture_log_density_integrates_to_one(name):
   assert abs(total - 1) < 1e-9
 
 
+def _independent_mixture(name):
+  """(weights, means, stds) written from the densities' definitions (scoreflow/data/toy.py's docstring), not
+  from the table that generates the samples: eight Gaussians of std 0.2 on a circle of radius
+  sqrt(2 (1 - 0.2^2)) (unit variance per axis by construction); the three-component mixture from its raw
+  parameters, standardised here per axis from its closed-form mean and variance."""
+  if name == "eight_gaussians":
+    angles = np.pi / 4 * np.arange(8)
+    radius = math.sqrt(2 * (1 - 0.2**2))
+    return np.full(8, 0.125), radius * np.stack([np.cos(angles), np.sin(angles)], 1), np.full((8, 2), 0.2)
+  weights = np.array([0.5, 0.3, 0.2])
+  means = np.array([[-1.5, -0.5], [1.0, 1.0], [1.5, -1.5]])
+  stds = np.array([[0.4, 0.3], [0.3, 0.6], [0.2, 0.2]])
+  centre = weights @ means
+  scale = np.sqrt(weights @ (stds**2 + (means - centre) ** 2))
+  return weights, (means - centre) / scale, stds / scale
+
+
+@pytest.mark.parametrize("name", MIXTURES)
+def test_mixture_table_matches_the_definitions(name):
+  mixture = toy_mixture(name, jnp.float64)
+  for got, expected in zip((mixture.weights, mixture.means, mixture.stds), _independent_mixture(name)):
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", MIXTURES)
 def test_samples_follow_the_exact_mixture(name):
-  mixture = toy_mixture(name, jnp.float64)
+  weights, means, stds = _independent_mixture(name)  # Not the sampler's own table.
   x = sample_toy(name, 1, NUM_SAMPLES).astype(np.float64)
   # Mean and covariance against the mixture's closed forms (5 standard errors per entry).
-  np.testing.assert_array_less(np.abs(x.mean(0) - np.asarray(mixture.mean())),
-                               Z * x.std(0) / math.sqrt(NUM_SAMPLES))
-  weights, means, stds = (np.asarray(a) for a in (mixture.weights, mixture.means, mixture.stds))
+  np.testing.assert_array_less(np.abs(x.mean(0) - weights @ means), Z * x.std(0) / math.sqrt(NUM_SAMPLES))
   mean = weights @ means
   covariance = np.einsum("k,kd,ke->de", weights, means - mean, means - mean) + np.diag(weights @ stds**2)
   centred = x - mean
