@@ -59,8 +59,8 @@ def test_train_then_evaluate_then_resume(tmp_path):
   np.testing.assert_allclose(bpd["mean"], per_example["bpd"].mean(), rtol=1e-6)
   np.testing.assert_allclose(bpd["stderr"], per_example["bpd"].std(ddof=1) / 8, rtol=1e-5)
   # Any model's cross-entropy is at least the data's entropy (standardised eight Gaussians: 1.68 nats = 1.21
-  # bits/dim), so the mean must exceed it less 5 standard errors; reporting nats as bits (x ln 2: 2.25 -> 1.56)
-  # or dropping the prior term would fall below. No useful upper bound exists for this run: its 60-step EMA
+  # bits/dim), so the mean must exceed it less 5 standard errors: a likelihood that comes out too good (a lost
+  # log-determinant or prior normaliser) cannot. No useful upper bound exists for this run: its 60-step EMA
   # network is nearly untrained (measured 2.25 +- 0.05 bits/dim, worse than N(0, I)'s 2.05), so 4 bits/dim
   # (log p below -5.5 nats) only rules out a grossly broken likelihood.
   assert 1.21 - 5 * bpd["stderr"] < bpd["mean"] < 4.0
