@@ -45,6 +45,7 @@ def main(argv):
   builders.build_experiment(_CONFIG.value)
   run.build_eval_settings(_CONFIG.value)
   workdir = checkpoint.local_workdir(_WORKDIR.value)
+  cli.configure_devices()  # Evaluation shards a batch only where the devices divide it.
   if _MODE.value == "reference":
     run.compute_reference_statistics(_CONFIG.value, workdir)
   else:

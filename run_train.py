@@ -41,6 +41,7 @@ def main(argv):
 
   builders.build_experiment(_CONFIG.value)
   workdir = checkpoint.local_workdir(_WORKDIR.value)
+  cli.configure_devices([_CONFIG.value.training.batch_size], _NUM_PROCESSES.value)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from scoreflow.train import loop
 

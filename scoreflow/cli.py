@@ -25,6 +25,10 @@ from absl import logging
 
 COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A persistent XLA compilation cache "
                                         "directory (speeds up restarts).")
+CPU_DEVICES = flags.DEFINE_string(
+    "cpu_devices", "auto", "JAX devices to split a CPU host into, the batch sharded over them: 'auto' (2 on a "
+    "machine with 2 or more cores when the batch splits evenly, else 1; 1.25-1.4x faster training on 2 cores) or "
+    "a number. Ignored when XLA_FLAGS sets --xla_force_host_platform_device_count. Accelerators are unaffected.")
 
 # Raised by configuration, checkpoint and data checks with a message that names the problem and the fix, and by
 # a run halted on a non-finite step. Only those raised by scoreflow's own code are shortened to one line.
@@ -61,6 +65,14 @@ def start(argv: Sequence[str]) -> None:
 
     jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None = None) -> None:
+  """Applies --cpu_devices (see :func:`scoreflow.train.sharding.cpu_device_count`); call before JAX starts."""
+  from scoreflow.train import sharding  # pylint: disable=g-import-not-at-top
+
+  count = sharding.cpu_device_count(CPU_DEVICES.value, batch_sizes=batch_sizes, num_processes=num_processes or 1)
+  sharding.configure_cpu_devices(count)
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:

@@ -94,3 +94,49 @@ def test_initialize_distributed_arguments(monkeypatch):
   monkeypatch.setenv(sharding.ENV_NUM_PROCESSES, "4")
   with pytest.raises(ValueError, match="num_processes=4 and process_id=None need a coordinator_address"):
     sharding.initialize_distributed()
+
+
+@pytest.mark.parametrize("requested, batch_sizes, num_processes, cores, expected", [
+    ("auto", [128], 1, 2, 2),       # The measured case: 2 devices on 2 cores.
+    ("auto", [128], 1, 16, 2),
+    ("auto", [127], 1, 2, 1),       # An odd batch cannot be split: one device.
+    ("auto", [128, 6], 2, 2, 1),    # 2 processes x 2 devices = 4 do not divide 6.
+    ("auto", [8], 2, 2, 2),
+    ("auto", [], 1, 1, 1),          # One core: nothing to split.
+    (" AUTO ", [64], 1, 4, 2),
+    ("3", [127], 1, 2, 3),          # An explicit count is taken as given (the batch check names it later).
+    (4, [], 1, 2, 4),
+])
+def test_cpu_device_count(requested, batch_sizes, num_processes, cores, expected):
+  assert sharding.cpu_device_count(requested, batch_sizes=batch_sizes, num_processes=num_processes,
+                                   cores=cores) == expected
+
+
+@pytest.mark.parametrize("requested", ["0", "-2", "two", None, 1.5])
+def test_cpu_device_count_rejects_bad_values(requested):
+  with pytest.raises(ValueError, match="--cpu_devices must be 'auto' or a positive integer"):
+    sharding.cpu_device_count(requested, cores=2)
+
+
+_CONFIGURE = textwrap.dedent("""
+    import json, os, sys
+    from scoreflow.train import sharding
+    applied = sharding.configure_cpu_devices(int(sys.argv[1]))
+    import jax
+    devices = len(jax.devices())
+    again = sharding.configure_cpu_devices(5)  # The backend has started: too late, nothing changes.
+    assert len(jax.devices()) == devices
+    print(json.dumps({"applied": applied, "again": again, "devices": devices}))
+""")
+
+
+@pytest.mark.parametrize("xla_flags, expected", [(None, {"applied": True, "again": False, "devices": 2}),
+                                                 ("--xla_force_host_platform_device_count=3",
+                                                  {"applied": False, "again": False, "devices": 3})])
+def test_configure_cpu_devices_in_a_fresh_process(xla_flags, expected):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  out = subprocess.run([sys.executable, "-c", _CONFIGURE, "2"], env=env, capture_output=True, text=True,
+                       check=True, timeout=120)
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
