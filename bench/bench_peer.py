@@ -1,0 +1,281 @@
+"""scoreflow's train step against PyTorch implementations of the same network, timed in one run.
+
+The fair peer is the 2021 reference itself: score_sde_pytorch's `models/ncsnpp.py` built from its
+`configs/vp/cifar10_ddpmpp_continuous.py` (DDPM++ cont., VP SDE). Its source is not part of scoreflow; pass the
+path of a checkout with `--reference` (its `op/` package compiles CUDA kernels when imported: the benchmark
+imports it with the extension build switched off, since DDPM++ never calls those kernels and the CPU path of its
+FIR resampler is plain PyTorch). Without a checkout, `--peers diffusers` times a pip-installable peer, a
+`diffusers` `UNet2DModel` whose widths and depths follow the same DDPM++ layout (its parameter count is printed
+beside ours; it differs by the block details).
+
+Both sides do the same work per step, as the reference's `losses.get_sde_loss_fn` and
+`losses.optimization_manager` do: draw `t ~ U[1e-5, 1]` and Gaussian noise, perturb with the VP kernel,
+evaluate the network at `999 t`, the mean-reduced denoising score-matching loss, its gradient, global-norm
+clipping at 1, Adam (2e-4, warm-up) and the EMA update (0.9999 with the reference's warm-up).
+
+Timing: after warm-up steps on each side, `--repeats` rounds each time one window of `--steps` steps on every
+side in turn (interleaved, so a slower or busier machine affects all sides alike); the table gives the median
+examples/s of each side and the ratio scoreflow / peer.
+
+    python bench/bench_peer.py --reference ~/score_sde_pytorch                 # digits and CIFAR-10 DDPM++
+    python bench/bench_peer.py --peers diffusers --cases digits
+    python bench/bench_peer.py --reference DIR --torch_compile                 # adds a torch.compile peer
+
+scoreflow is timed on 1 device and on all `--cpu_devices` (2 by default, as run_train.py does on a CPU), each
+a side of its own; the ratio column is the faster scoreflow side over each side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+CASES = {
+    # name: (scoreflow preset, image shape (H, W, C), default batch, reference-config overrides)
+    "digits": ("ddpmpp_digits", (8, 8, 1), 128,
+               dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))),
+    "cifar10_ddpmpp": ("ddpmpp_cifar10", (32, 32, 3), 16, {}),
+}
+EPS_T = 1e-5
+BETA_MIN, BETA_MAX = 0.1, 20.0
+LEARNING_RATE, WARMUP, GRAD_CLIP, EMA_RATE = 2e-4, 5000, 1.0, 0.9999
+
+
+# --- scoreflow. ----------------------------------------------------------------------------------
+
+def scoreflow_side(case: str, batch: int, devices: int | None = None):
+  """`(step(), num_params, compile_s)`: scoreflow's compiled, donated train step on synthetic data."""
+  import jax
+  import jax.numpy as jnp
+
+  import scoreflow as sf
+  from scoreflow.models import build_model
+  from scoreflow.train import sharding
+  from scoreflow.train.state import TrainState, make_optimizer
+  from scoreflow.train.step import make_objective, make_train_step
+
+  preset, shape, _, _ = CASES[case]
+  mesh = sharding.make_mesh(jax.devices()[:devices] if devices else None)
+  sharding.check_batch_size(batch, mesh)
+  model = build_model(preset)
+  optimizer = make_optimizer(LEARNING_RATE, warmup_steps=WARMUP, grad_clip=GRAD_CLIP)
+  objective = make_objective(model.apply, sf.VPSDE(BETA_MIN, BETA_MAX), parameterization=sf.EpsilonParameterization(),
+                             reduce_mean=True, eps=EPS_T)
+  train_step = sharding.jit_train_step(make_train_step(objective, optimizer, ema_rate=EMA_RATE, ema_warmup=True),
+                                       mesh)
+
+  def init():
+    params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, *shape)), jnp.zeros((1,)))["params"]
+    return TrainState.create(params, optimizer, jax.random.key(1))
+
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+  x = np.random.default_rng(0).uniform(-1, 1, (batch, *shape)).astype(np.float32)
+  batch_arrays = sharding.global_batch({"x": x}, mesh)
+  started = time.perf_counter()
+  compiled = train_step.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - started
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch_arrays)
+    return metrics
+
+  def sync(metrics):
+    jax.block_until_ready(metrics)
+
+  return step, sync, num_params, compile_s
+
+
+# --- PyTorch peers. ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _no_extension_build():
+  """Makes `torch.utils.cpp_extension.load` a no-op while the reference's `op` package is imported."""
+  import torch.utils.cpp_extension as extension
+
+  real_load = extension.load
+  extension.load = lambda *args, **kwargs: None
+  try:
+    yield
+  finally:
+    extension.load = real_load
+
+
+def reference_network(path: str, case: str):
+  """score_sde_pytorch's NCSNpp with its `configs/vp/cifar10_ddpmpp_continuous.py` (plus the case's overrides)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(os.path.join(path, "models", "ncsnpp.py")):
+    raise SystemExit(f"error: --reference {path} is not a score_sde_pytorch checkout (no models/ncsnpp.py).")
+  sys.path.insert(0, path)
+  with _no_extension_build():
+    import op  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from configs.vp import cifar10_ddpmpp_continuous  # pylint: disable=import-outside-toplevel
+  from models import ncsnpp  # pylint: disable=import-outside-toplevel
+
+  _, shape, _, overrides = CASES[case]
+  config = cifar10_ddpmpp_continuous.get_config()
+  config.data.image_size, config.data.num_channels = shape[0], shape[2]
+  for name, value in overrides.items():
+    setattr(config.model, name, value)
+  return ncsnpp.NCSNpp(config)
+
+
+def diffusers_network(case: str):
+  """A diffusers UNet2DModel laid out as DDPM++ (same widths, blocks per level, attention resolutions)."""
+  from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
+
+  preset, shape, _, overrides = CASES[case]
+  nf = overrides.get("nf", 128)
+  ch_mult = overrides.get("ch_mult", (1, 2, 2, 2))
+  attn = overrides.get("attn_resolutions", (16,))
+  resolutions = [shape[0] // 2**i for i in range(len(ch_mult))]
+  return UNet2DModel(
+      sample_size=shape[0], in_channels=shape[2], out_channels=shape[2],
+      layers_per_block=overrides.get("num_res_blocks", 4), block_out_channels=tuple(nf * m for m in ch_mult),
+      down_block_types=tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in resolutions),
+      up_block_types=tuple("AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(resolutions)),
+      norm_num_groups=min(nf // 4, 32), attention_head_dim=None, dropout=0.1,
+      resnet_time_scale_shift="default", time_embedding_type="positional", add_attention=True)
+
+
+def torch_side(network, case: str, batch: int, *, compile_model: bool = False):
+  """`(step(), sync, num_params, compile_s)`: the reference's training step for `network` in PyTorch."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  _, shape, _, _ = CASES[case]
+  torch.manual_seed(0)
+  model = network.train()
+  num_params = sum(p.numel() for p in model.parameters())
+  optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8)
+  shadow = [p.detach().clone() for p in model.parameters()]
+  forward = torch.compile(model) if compile_model else model
+  x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (batch, shape[2], shape[0], shape[1])).astype(
+      np.float32))
+  counter = {"step": 0}
+
+  def call(perturbed, labels):
+    out = forward(perturbed, labels)
+    return out.sample if hasattr(out, "sample") else out
+
+  def step():
+    t = torch.rand(batch) * (1 - EPS_T) + EPS_T
+    z = torch.randn_like(x)
+    log_mean = -0.25 * t**2 * (BETA_MAX - BETA_MIN) - 0.5 * t * BETA_MIN
+    mean = torch.exp(log_mean)[:, None, None, None] * x
+    std = torch.sqrt(1.0 - torch.exp(2.0 * log_mean))[:, None, None, None]
+    score = -call(mean + std * z, t * 999) / std
+    loss = torch.mean(torch.mean(torch.square(score * std + z).reshape(batch, -1), dim=1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    counter["step"] += 1
+    for group in optimizer.param_groups:
+      group["lr"] = LEARNING_RATE * min(counter["step"] / WARMUP, 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=GRAD_CLIP)
+    optimizer.step()
+    decay = min(EMA_RATE, (1 + counter["step"]) / (10 + counter["step"]))
+    with torch.no_grad():
+      for s, p in zip(shadow, model.parameters()):
+        s.sub_((1 - decay) * (s - p))
+    return loss
+
+  started = time.perf_counter()
+  step()  # torch.compile compiles on the first call.
+  compile_s = time.perf_counter() - started if compile_model else 0.0
+  return step, lambda loss: float(loss.detach()), num_params, compile_s
+
+
+# --- Timing. -------------------------------------------------------------------------------------
+
+def interleaved(sides: dict, *, steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+  """Seconds per step of each side over `repeats` rounds of one `steps`-step window per side."""
+  for step, sync in sides.values():
+    for _ in range(warmup):
+      out = step()
+    sync(out)
+  seconds = {name: [] for name in sides}
+  for _ in range(repeats):
+    for name, (step, sync) in sides.items():
+      started = time.perf_counter()
+      for _ in range(steps):
+        out = step()
+      sync(out)
+      seconds[name].append((time.perf_counter() - started) / steps)
+  return seconds
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--cases", default="digits,cifar10_ddpmpp", help=f"comma-separated, from {sorted(CASES)}")
+  parser.add_argument("--reference", default=None, help="path of a score_sde_pytorch checkout (the peer network)")
+  parser.add_argument("--peers", default=None,
+                      help="comma-separated from reference, diffusers (default: reference when --reference is "
+                           "given, else diffusers)")
+  parser.add_argument("--torch_compile", action="store_true", help="also time torch.compile of each peer")
+  parser.add_argument("--batch", type=int, default=None, help="global batch (default: per case)")
+  parser.add_argument("--cpu_devices", type=int, default=2,
+                      help="JAX devices to split the CPU into (as run_train.py's --cpu_devices)")
+  parser.add_argument("--devices", default=None,
+                      help="comma-separated device counts, one scoreflow side each (default: 1 and all)")
+  parser.add_argument("--steps", type=int, default=None, help="steps per timed window (default: per case)")
+  parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (the median is reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+  parser.add_argument("--json", default=None, help="also write the rows to this file (after every case)")
+  args = parser.parse_args()
+  peers = (args.peers or ("reference" if args.reference else "diffusers")).split(",")
+  if "reference" in peers and not args.reference:
+    parser.error("--peers reference needs --reference PATH (a score_sde_pytorch checkout)")
+
+  from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
+
+  sharding.configure_cpu_devices(args.cpu_devices)
+  import jax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
+  device_counts = sorted({1, len(jax.devices())}) if args.devices is None else [
+      int(n) for n in args.devices.split(",")]
+
+  print(f"jax {jax.__version__}: {len(jax.devices())} x {jax.devices()[0].device_kind}; torch {torch.__version__}: "
+        f"{torch.get_num_threads()} threads; {os.cpu_count()} cores", flush=True)
+  rows = []
+  for case in args.cases.split(","):
+    batch = args.batch or CASES[case][2]
+    steps = args.steps or (10 if case == "digits" else 2)
+    sides, params, compile_s = {}, {}, {}
+    ours = [f"scoreflow ({n} device{'s' if n > 1 else ''})" for n in device_counts]
+    for name, count in zip(ours, device_counts):
+      step, sync, params[name], compile_s[name] = scoreflow_side(case, batch, count)
+      sides[name] = (step, sync)
+    for peer in peers:
+      variants = [(peer, False)] + ([(peer + "+compile", True)] if args.torch_compile else [])
+      for name, compile_model in variants:
+        network = reference_network(args.reference, case) if peer == "reference" else diffusers_network(case)
+        step, sync, params[name], compile_s[name] = torch_side(network, case, batch, compile_model=compile_model)
+        sides[name] = (step, sync)
+    seconds = interleaved(sides, steps=steps, repeats=args.repeats, warmup=args.warmup)
+    rates = {name: batch / statistics.median(seconds[name]) for name in sides}
+    best = max(ours, key=rates.get)
+    print(f"\n{case}: batch {batch}, {steps} steps x {args.repeats} interleaved rounds; ratio = {best} / side")
+    print(f"  {'side':<26}{'params':>13}{'compile s':>11}{'examples/s':>12}{'ratio':>9}")
+    for name in sides:
+      row = {"case": case, "side": name, "params": int(params[name]), "batch": batch, "compile_s": compile_s[name],
+             "examples_per_s": rates[name], "scoreflow_ratio": rates[best] / rates[name],
+             "window_examples_per_s": [batch / s for s in seconds[name]]}
+      rows.append(row)
+      print(f"  {name:<26}{row['params']:>13,}{row['compile_s']:>11.1f}{rates[name]:>12.1f}"
+            f"{row['scoreflow_ratio']:>8.2f}x", flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"jax": jax.__version__, "torch": torch.__version__, "cpu_devices": len(jax.devices()),
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
