@@ -24,6 +24,7 @@ def get_config():
   config.training.num_train_steps = 1200
   config.training.checkpoint_every = 500
   config.training.snapshot_every = 100
+  config.sampling.method = "pc"
   config.sampling.predictor = "reverse_diffusion"
   config.sampling.corrector = "langevin"
   config.sampling.snr = 0.16

@@ -5,7 +5,7 @@ Trains in under 10 minutes on 2 CPU cores to samples that read as digits:
     python run_train.py --config configs/digits_vp.py --workdir /tmp/digits_vp
 
 The digits are prepared once as a tfds dataset in `config.data.data_dir` (tfds' default directory when empty).
-Sample grids (predictor-corrector sampler, Euler-Maruyama predictor) go to `workdir/samples/`.
+Sample grids (DPM-Solver++(2M), 50 steps) go to `workdir/samples/`.
 """
 
 from configs import default
@@ -33,10 +33,14 @@ def get_config():
   config.training.checkpoint_every = 500
   config.training.snapshot_every = 100
   config.training.sample_every = 0
-  config.sampling.method = "pc"
+  # DPM-Solver++(2M) in 50 steps on the probability-flow ODE: on the 1500-step checkpoint of this config, 1000
+  # samples gave digits FD 1.90 (confidence 0.969) in 51 NFE, against 1.99 (0.973) with the Euler-Maruyama PC
+  # sampler in 501 NFE, ten times slower (bench/RESULTS.md). `--config.sampling.method=pc` brings that back.
+  config.sampling.method = "dpm_solver"
   config.sampling.predictor = "euler_maruyama"
   config.sampling.corrector = "none"
-  config.sampling.num_steps = 500
+  config.sampling.num_steps = 50
+  config.sampling.dpm_order = 2
   config.sampling.num_samples = 64
   config.eval.samples.num_samples = 1000
   return config
