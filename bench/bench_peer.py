@@ -4,9 +4,7 @@ The fair peer is the 2021 reference itself: score_sde_pytorch's `models/ncsnpp.p
 `configs/vp/cifar10_ddpmpp_continuous.py` (DDPM++ cont., VP SDE). Its source is not part of scoreflow; pass the
 path of a checkout with `--reference` (its `op/` package compiles CUDA kernels when imported: the benchmark
 imports it with the extension build switched off, since DDPM++ never calls those kernels and the CPU path of its
-FIR resampler is plain PyTorch). Without a checkout, `--peers diffusers` times a pip-installable peer, a
-`diffusers` `UNet2DModel` whose widths and depths follow the same DDPM++ layout (its parameter count is printed
-beside ours; it differs by the block details).
+FIR resampler is plain PyTorch).
 
 Both sides do the same work per step, as the reference's `losses.get_sde_loss_fn` and
 `losses.optimization_manager` do: draw `t ~ U[1e-5, 1]` and Gaussian noise, perturb with the VP kernel,
@@ -18,7 +16,6 @@ side in turn (interleaved, so a slower or busier machine affects all sides alike
 examples/s of each side and the ratio scoreflow / peer.
 
     python bench/bench_peer.py --reference ~/score_sde_pytorch                 # digits and CIFAR-10 DDPM++
-    python bench/bench_peer.py --peers diffusers --cases digits
     python bench/bench_peer.py --reference DIR --torch_compile                 # adds a torch.compile peer
 
 scoreflow is timed on 1 device and on all `--cpu_devices` (2 by default, as run_train.py does on a CPU), each
@@ -128,24 +125,6 @@ def reference_network(path: str, case: str):
   return ncsnpp.NCSNpp(config)
 
 
-def diffusers_network(case: str):
-  """A diffusers UNet2DModel laid out as DDPM++ (same widths, blocks per level, attention resolutions)."""
-  from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
-
-  preset, shape, _, overrides = CASES[case]
-  nf = overrides.get("nf", 128)
-  ch_mult = overrides.get("ch_mult", (1, 2, 2, 2))
-  attn = overrides.get("attn_resolutions", (16,))
-  resolutions = [shape[0] // 2**i for i in range(len(ch_mult))]
-  return UNet2DModel(
-      sample_size=shape[0], in_channels=shape[2], out_channels=shape[2],
-      layers_per_block=overrides.get("num_res_blocks", 4), block_out_channels=tuple(nf * m for m in ch_mult),
-      down_block_types=tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in resolutions),
-      up_block_types=tuple("AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(resolutions)),
-      norm_num_groups=min(nf // 4, 32), attention_head_dim=None, dropout=0.1,
-      resnet_time_scale_shift="default", time_embedding_type="positional", add_attention=True)
-
-
 def torch_side(network, case: str, batch: int, *, compile_model: bool = False):
   """`(step(), sync, num_params, compile_s)`: the reference's training step for `network` in PyTorch."""
   import torch  # pylint: disable=import-outside-toplevel
@@ -214,10 +193,7 @@ def interleaved(sides: dict, *, steps: int, repeats: int, warmup: int) -> dict[s
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--cases", default="digits,cifar10_ddpmpp", help=f"comma-separated, from {sorted(CASES)}")
-  parser.add_argument("--reference", default=None, help="path of a score_sde_pytorch checkout (the peer network)")
-  parser.add_argument("--peers", default=None,
-                      help="comma-separated from reference, diffusers (default: reference when --reference is "
-                           "given, else diffusers)")
+  parser.add_argument("--reference", required=True, help="path of a score_sde_pytorch checkout (the peer network)")
   parser.add_argument("--torch_compile", action="store_true", help="also time torch.compile of each peer")
   parser.add_argument("--batch", type=int, default=None, help="global batch (default: per case)")
   parser.add_argument("--cpu_devices", type=int, default=2,
@@ -229,9 +205,6 @@ def main():
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
   parser.add_argument("--json", default=None, help="also write the rows to this file (after every case)")
   args = parser.parse_args()
-  peers = (args.peers or ("reference" if args.reference else "diffusers")).split(",")
-  if "reference" in peers and not args.reference:
-    parser.error("--peers reference needs --reference PATH (a score_sde_pytorch checkout)")
 
   from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
 
@@ -253,12 +226,10 @@ def main():
     for name, count in zip(ours, device_counts):
       step, sync, params[name], compile_s[name] = scoreflow_side(case, batch, count)
       sides[name] = (step, sync)
-    for peer in peers:
-      variants = [(peer, False)] + ([(peer + "+compile", True)] if args.torch_compile else [])
-      for name, compile_model in variants:
-        network = reference_network(args.reference, case) if peer == "reference" else diffusers_network(case)
-        step, sync, params[name], compile_s[name] = torch_side(network, case, batch, compile_model=compile_model)
-        sides[name] = (step, sync)
+    for name, compile_model in [("reference", False)] + ([("reference+compile", True)] if args.torch_compile else []):
+      network = reference_network(args.reference, case)
+      step, sync, params[name], compile_s[name] = torch_side(network, case, batch, compile_model=compile_model)
+      sides[name] = (step, sync)
     seconds = interleaved(sides, steps=steps, repeats=args.repeats, warmup=args.warmup)
     rates = {name: batch / statistics.median(seconds[name]) for name in sides}
     best = max(ours, key=rates.get)
