@@ -115,11 +115,10 @@ def configure_cpu_devices(count: int) -> bool:
   """
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return False
-  import jax._src.xla_bridge as xla_bridge  # pylint: disable=import-outside-toplevel
-
-  if xla_bridge.backends_are_initialized():
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # JAX refuses the setting once a backend has started.
     return False
-  jax.config.update("jax_num_cpu_devices", count)
   return True
 
 
