@@ -20,7 +20,11 @@ compared with the forward+VJP baseline, the samplers with the forward baseline.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -56,10 +60,6 @@ def random_params(model, shape, seed: int = 0):
 
 def trained_params(config_path: str, workdir: str):
   """`(model, EMA params, sde, parameterization, element shape)` of the newest checkpoint of a training run."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-
   from scoreflow.train import builders, sharding  # pylint: disable=import-outside-toplevel
   from scoreflow.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
@@ -69,7 +69,6 @@ def trained_params(config_path: str, workdir: str):
   spec.loader.exec_module(module)
   experiment = builders.build_experiment(module.get_config())
   with open(os.path.join(workdir, "config.json")) as f:
-    import json  # pylint: disable=import-outside-toplevel
     data = json.load(f)["data"]
   shape = (data["image_size"] or 8, data["image_size"] or 8, 1) if data["name"] == "digits" else None
   if shape is None:
