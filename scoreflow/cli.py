@@ -159,11 +159,12 @@ def environment_error_message(error: BaseException) -> str | None:
 
 class _DropAbandonedCoroutineNoise(py_logging.Filter):
   """Asyncio's and Orbax's reports of background work that failed or was abandoned when the run stopped on an
-  error that is reported anyway ("Task exception was never retrieved", "_SignalingThread.run() raised")."""
+  error that is reported anyway ("Task exception was never retrieved", "Future exception was never retrieved",
+  "_SignalingThread.run() raised")."""
 
   def filter(self, record):
     message = record.getMessage()
-    if "Task exception was never retrieved" in message:
+    if "exception was never retrieved" in message:  # Asyncio's report for an abandoned Task or Future.
       return False
     if "orbax" not in record.pathname or record.levelno < py_logging.ERROR:
       return True
