@@ -84,6 +84,11 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     message = user_error_message(error)
     if message is None:
       raise  # A failure inside JAX, Flax or another library: the traceback is the useful part.
+    if environment_error_message(error) is not None:
+      # A full or unwritable disk also fails other writers that flush at exit (TensorBoard's background thread and
+      # its atexit handler), each with a traceback of its own. Everything scoreflow writes is closed by now.
+      print(f"error: {message}", file=sys.stderr)
+      exit_now(1)
     raise SystemExit(f"error: {message}") from None
 
 
@@ -151,6 +156,9 @@ def environment_error_message(error: BaseException) -> str | None:
     if code is not None:
       if path and ".orbax-checkpoint-tmp" in path:
         path = path.split(".orbax-checkpoint-tmp")[0] + ", a checkpoint being written"
+      if not path:  # E.g. a log writer's flush: the error names no file, so name the run's directory.
+        workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+        path = f"writing under {os.path.abspath(workdir)}" if workdir else None
       where = f" ({path})" if path else ""
       return f"{_ENVIRONMENT_ERRNOS[code]}{where}: {_FIXES.get(code, _DEFAULT_FIX)}."
     error = error.__cause__ or error.__context__
