@@ -24,13 +24,13 @@ Shapes: `x, output, score: [B, *D]`; `t: [B]` or scalar.
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 
 from scoreflow._validation import as_float_time, check_hyperparameters, per_example
+from scoreflow._pytree import pytree_dataclass, static_field
 from scoreflow.sde import AbstractSDE
 
 
@@ -76,8 +76,7 @@ def score_to_v(sde: AbstractSDE, score, x, t):
 NoiseConditioningKind = Literal["time", "sigma", "log_sigma", "log_snr", "index"]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class NoiseConditioning:
   r"""Maps times `t: [B]` to the network's conditioning input `[B]`.
 
@@ -90,9 +89,9 @@ class NoiseConditioning:
     num_steps: the number of levels for `kind="index"`.
   """
 
-  kind: NoiseConditioningKind = dataclasses.field(default="time", metadata={"static": True})
+  kind: NoiseConditioningKind = static_field(default="time")
   scale: float = 1.0
-  num_steps: int = dataclasses.field(default=1000, metadata={"static": True})
+  num_steps: int = static_field(default=1000)
 
   def __post_init__(self):
     kinds = ("time", "sigma", "log_sigma", "log_snr", "index")
@@ -136,11 +135,7 @@ class AbstractParameterization(abc.ABC):
     """The network output that implies `score`."""
 
 
-def _parameterization(cls):
-  return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
-
-
-@_parameterization
+@pytree_dataclass
 class ScoreParameterization(AbstractParameterization):
   """The network predicts the score itself."""
 
@@ -153,7 +148,7 @@ class ScoreParameterization(AbstractParameterization):
     return score
 
 
-@_parameterization
+@pytree_dataclass
 class EpsilonParameterization(AbstractParameterization):
   r"""The network predicts the noise :math:`\epsilon`: :math:`s = -\epsilon/\sigma_t`."""
 
@@ -166,7 +161,7 @@ class EpsilonParameterization(AbstractParameterization):
     return score_to_eps(sde, score, t)
 
 
-@_parameterization
+@pytree_dataclass
 class DataParameterization(AbstractParameterization):
   r"""The network predicts the clean data :math:`x_0`: :math:`s = (\alpha_t x_0 - x)/\sigma_t^2`."""
 
@@ -179,7 +174,7 @@ class DataParameterization(AbstractParameterization):
     return score_to_x0(sde, score, x, t)
 
 
-@_parameterization
+@pytree_dataclass
 class VParameterization(AbstractParameterization):
   r"""The network predicts the velocity :math:`v = \alpha_t\epsilon - \sigma_t x_0`."""
 
@@ -192,7 +187,7 @@ class VParameterization(AbstractParameterization):
     return score_to_v(sde, score, x, t)
 
 
-@_parameterization
+@pytree_dataclass
 class EDMPreconditioning(AbstractParameterization):
   r"""The preconditioned denoiser of Karras et al. (2022), applied to any process through
   :math:`\tilde x = x/\alpha_t`, :math:`\tilde\sigma = \sigma_t/\alpha_t`.

@@ -29,27 +29,17 @@ References:
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from scoreflow._validation import (as_float_time, check_hyperparameters, check_time, concrete_value,
                                    per_example)
+from scoreflow._pytree import pytree_dataclass, static_field
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def _pytree_dataclass(cls):
-  """A frozen dataclass registered as a pytree; fields with `metadata={'static': True}` are static."""
-  cls = dataclasses.dataclass(frozen=True)(cls)
-  return jax.tree_util.register_dataclass(cls)
-
-
-def _static_field(**kwargs):
-  return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
 class AbstractSDE(abc.ABC):
@@ -57,7 +47,20 @@ class AbstractSDE(abc.ABC):
 
   Subclasses give the closed forms of :math:`\log\alpha(t)`, :math:`\sigma(t)`, :math:`f(t)`,
   :math:`g(t)^2`, the log-SNR inverse and the prior; the methods below derive the rest.
+
+  What a training step or a sampler needs to know of a process, besides its maths, is said by two class
+  attributes that the discrete chains set too, so that no caller has to test a process's type:
+  `chain_loss` (None for an SDE; the name of the loss that trains a chain) and `network_target` (None: any
+  parameterization; else the one a chain's loss trains), with :attr:`continuous_sde` the SDE to sample from.
   """
+
+  chain_loss: ClassVar[str | None] = None
+  network_target: ClassVar[str | None] = None
+
+  @property
+  def continuous_sde(self) -> "AbstractSDE":
+    """The continuous SDE that samples of this process are drawn from: the SDE itself."""
+    return self
 
   # --- What each process defines. -------------------------------------------------------------
 
@@ -275,7 +278,7 @@ class AbstractVPSDE(AbstractSDE):
     return -jnp.expm1(-(self.integrated_beta(as_float_time(t)) - self.integrated_beta(as_float_time(s))))
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class VPSDE(_LinearBetaSchedule, AbstractVPSDE):
   r"""The variance-preserving SDE of DDPM with a linear schedule :math:`\beta(t) = \beta_0 + t(\beta_1-\beta_0)`.
 
@@ -296,7 +299,7 @@ class VPSDE(_LinearBetaSchedule, AbstractVPSDE):
   beta_max: float = 20.0
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class CosineVPSDE(AbstractVPSDE):
   r"""The variance-preserving SDE with the cosine schedule of Nichol & Dhariwal (2021).
 
@@ -331,7 +334,7 @@ class CosineVPSDE(AbstractVPSDE):
     return u * (2 / jnp.pi) * (1 + self.s) - self.s
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class SubVPSDE(_LinearBetaSchedule, AbstractSDE):
   r"""The sub-variance-preserving SDE of Song et al. (2021), Eq. 11, with a linear :math:`\beta(t)`.
 
@@ -375,7 +378,7 @@ class SubVPSDE(_LinearBetaSchedule, AbstractSDE):
     return self.sigma(t) ** 2 - a2 * self.sigma(s) ** 2
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class VESDE(AbstractSDE):
   r"""The variance-exploding SDE of SMLD/NCSN (Song et al. 2021, Eq. 9).
 
@@ -444,7 +447,7 @@ def _check_index(owner, i, num_steps):
     raise ValueError(f"{owner}: step index must lie in [0, {num_steps - 1}], got {value.tolist()}.")
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class DDPMChain:
   r"""The DDPM Markov chain :math:`q(x_i \mid x_{i-1}) = N(\sqrt{1-\beta_i}\,x_{i-1}, \beta_i I)`.
 
@@ -464,7 +467,15 @@ class DDPMChain:
 
   beta_min: float = 0.1
   beta_max: float = 20.0
-  num_steps: int = _static_field(default=1000)
+  num_steps: int = static_field(default=1000)
+
+  chain_loss: ClassVar[str] = "ddpm"  # trained by scoreflow.ddpm_loss,
+  network_target: ClassVar[str] = "eps"  # which trains a noise predictor.
+
+  @property
+  def continuous_sde(self) -> VPSDE:
+    """The :class:`VPSDE` this chain discretizes (with the same `beta_min`, `beta_max`): the one to sample."""
+    return VPSDE(beta_min=self.beta_min, beta_max=self.beta_max)
 
   def __post_init__(self):
     if not isinstance(self.num_steps, int) or self.num_steps < 2:
@@ -533,7 +544,7 @@ class DDPMChain:
     return per_example(coef_x0, x0) * x0 + per_example(coef_x, x) * x, std.astype(x.dtype)
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class SMLDChain:
   r"""The SMLD/NCSN noise ladder: geometric :math:`\sigma_i`, :math:`q(x_i \mid x_0) = N(x_0, \sigma_i^2 I)`.
 
@@ -549,7 +560,15 @@ class SMLDChain:
 
   sigma_min: float = 0.01
   sigma_max: float = 50.0
-  num_scales: int = _static_field(default=1000)
+  num_scales: int = static_field(default=1000)
+
+  chain_loss: ClassVar[str] = "smld"  # trained by scoreflow.smld_loss,
+  network_target: ClassVar[str] = "score"  # which trains a score network.
+
+  @property
+  def continuous_sde(self) -> VESDE:
+    """The :class:`VESDE` this ladder discretizes (with the same `sigma_min`, `sigma_max`): the one to sample."""
+    return VESDE(sigma_min=self.sigma_min, sigma_max=self.sigma_max)
 
   def __post_init__(self):
     if not isinstance(self.num_scales, int) or self.num_scales < 2:

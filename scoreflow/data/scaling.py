@@ -35,7 +35,6 @@ uniform guess.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -43,16 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoreflow._validation import check_hyperparameters
-
-
-def _pytree_dataclass(cls):
-  """A frozen dataclass registered as a pytree; fields with `metadata={'static': True}` are static."""
-  cls = dataclasses.dataclass(frozen=True)(cls)
-  return jax.tree_util.register_dataclass(cls)
-
-
-def _static_field(**kwargs):
-  return dataclasses.field(metadata={"static": True}, **kwargs)
+from scoreflow._pytree import pytree_dataclass, static_field
 
 
 def _check_num_levels(num_levels) -> None:
@@ -70,7 +60,7 @@ def _is_host_value(value) -> bool:
   return isinstance(value, (int, float, np.ndarray, np.generic))
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class AffineScaler:
   r"""The affine map :math:`x = s\,\tilde x + b` from raw (or dequantized) levels to model space.
 
@@ -94,8 +84,8 @@ class AffineScaler:
 
   scale: float | jax.Array
   shift: float | jax.Array
-  num_levels: int = _static_field(default=256)
-  dequantized: bool = _static_field(default=False)
+  num_levels: int = static_field(default=256)
+  dequantized: bool = static_field(default=False)
 
   def __post_init__(self):
     _check_num_levels(self.num_levels)

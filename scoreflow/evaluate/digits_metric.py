@@ -38,7 +38,8 @@ from flax import traverse_util
 
 from scoreflow.data.digits import DIGITS_NUM_LEVELS
 from scoreflow.data.scaling import AffineScaler
-from scoreflow.evaluate.metrics import (FeatureMoments, FeatureStatistics, atomic_savez, frechet_distance,
+from scoreflow.io import atomic_savez
+from scoreflow.evaluate.metrics import (FeatureMoments, FeatureStatistics, frechet_distance,
                                         inception_score)
 
 DIGITS_SHAPE = (8, 8, 1)

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from scoreflow.evaluate.metrics import atomic_savez
+from scoreflow.io import atomic_savez
 
 INCEPTION_INPUT_SIZE = 299
 FID_INCEPTION_NUM_FEATURES = 2048

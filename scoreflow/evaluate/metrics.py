@@ -32,11 +32,11 @@ References:
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
+
+from scoreflow.io import atomic_savez
 
 
 def _as_features(argument: str, features, dim: int | None = None) -> np.ndarray:
@@ -303,22 +303,6 @@ def kernel_inception_distance(x, y, *, num_subsets: int = 100, subset_size: int 
     values[subset] = mmd2_unbiased(x[rng.choice(x.shape[0], size, replace=False)],
                                    y[rng.choice(y.shape[0], size, replace=False)])
   return KernelDistance(float(values.mean()), float(values.std()), values)
-
-
-def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-  """`np.savez` into a temporary file beside `path`, then an atomic rename: readers never see a partial file."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(handle, "wb") as file:
-      np.savez(file, **arrays)
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
 
 
 def save_statistics(path: str | os.PathLike, statistics: FeatureStatistics) -> None:

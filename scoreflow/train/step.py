@@ -22,7 +22,7 @@ import optax
 
 from scoreflow.losses import ddpm_loss, dsm_loss, edm_loss, smld_loss
 from scoreflow.parameterization import AbstractParameterization, make_score_fn
-from scoreflow.sde import AbstractSDE, DDPMChain, SMLDChain
+from scoreflow.sde import AbstractSDE
 from scoreflow.train.state import TrainState, ema_decay, update_ema
 
 LossName = Literal["dsm", "edm", "ddpm", "smld"]
@@ -95,10 +95,9 @@ def make_objective(apply_fn: ApplyFn, process, *, parameterization: AbstractPara
                        f"got {type(process).__name__}; use loss='ddpm' for a DDPMChain or 'smld' for an SMLDChain.")
     if parameterization is None:
       raise ValueError(f"loss={loss!r} needs a parameterization (e.g. EpsilonParameterization()), got None.")
-  elif loss == "ddpm" and not isinstance(process, DDPMChain):
-    raise ValueError(f"loss='ddpm' needs a DDPMChain, got {type(process).__name__}.")
-  elif loss == "smld" and not isinstance(process, SMLDChain):
-    raise ValueError(f"loss='smld' needs an SMLDChain, got {type(process).__name__}.")
+  elif getattr(process, "chain_loss", None) != loss:
+    chain = {"ddpm": "DDPMChain", "smld": "SMLDChain"}[loss]
+    raise ValueError(f"loss={loss!r} needs a {chain}, got {type(process).__name__}.")
   loss_fn = {"dsm": dsm_loss, "edm": edm_loss, "ddpm": ddpm_loss, "smld": smld_loss}[loss]
 
   def objective(params, key, x0):
