@@ -20,36 +20,31 @@ Every config field is listed, with its meaning, in configs/default.py.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from scoreflow import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The run's configuration file (configs/<name>.py); override fields with "
-    "--config.<section>.<field>=<value>, e.g. --config.eval.checkpoints=all.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (its checkpoints are evaluated; "
-                               "results go to <workdir>/eval unless config.eval.output_dir is set).")
+_CONFIG, _WORKDIR = cli.define_run_flags(
+    "The run's configuration file", "The training run's directory (its checkpoints are evaluated; results go to "
+    "<workdir>/eval unless config.eval.output_dir is set).")
 _MODE = flags.DEFINE_enum("mode", "evaluate", ["evaluate", "reference"],
                           "evaluate: the tasks of config.eval.tasks; reference: only compute and cache the reference "
                           "statistics of the quality metrics.")
-flags.mark_flags_as_required(["config", "workdir"])
 flags.adopt_module_key_flags(cli)  # --help lists --compilation_cache_dir too.
 
 
 def main(argv):
   cli.start(argv)
   # Check the configuration before JAX starts any work: errors name the field.
-  from scoreflow.evaluate import run
-  from scoreflow.train import builders, checkpoint
+  from scoreflow.config import build_eval_settings, build_experiment
+  from scoreflow.train import checkpoint
 
-  builders.build_experiment(_CONFIG.value)
-  run.build_eval_settings(_CONFIG.value)
+  experiment, settings = build_experiment(_CONFIG.value), build_eval_settings(_CONFIG.value)
   workdir = checkpoint.local_workdir(_WORKDIR.value)
   cli.configure_devices()  # Evaluation shards a batch only where the devices divide it.
-  if _MODE.value == "reference":
-    run.compute_reference_statistics(_CONFIG.value, workdir)
-  else:
-    run.evaluate(_CONFIG.value, workdir)
+  from scoreflow.evaluate import run
+
+  task = run.compute_reference_statistics if _MODE.value == "reference" else run.evaluate
+  task(_CONFIG.value, workdir, experiment=experiment, settings=settings)
 
 
 if __name__ == "__main__":

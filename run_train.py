@@ -15,37 +15,34 @@ Every config field is listed, with its meaning, in configs/default.py.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from scoreflow import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file (configs/<name>.py); override fields with "
-    "--config.<section>.<field>=<value>, e.g. --config.training.batch_size=64.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples; an existing one "
-                               "is resumed.")
+_CONFIG, _WORKDIR = cli.define_run_flags("Training configuration file",
+                                         "Directory for checkpoints, logs and samples; an existing one is resumed.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose config.json differs from --config in fields other than "
     "the step counts, logging intervals and sampling settings.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
 flags.adopt_module_key_flags(cli)  # --help lists --compilation_cache_dir too.
 
 
 def main(argv):
   cli.start(argv)
   # Check the configuration before JAX starts any work: errors name the field.
-  from scoreflow.train import builders, checkpoint, sharding
+  from scoreflow.config import build_experiment
+  from scoreflow.train import checkpoint, sharding
 
-  builders.build_experiment(_CONFIG.value)
+  experiment = build_experiment(_CONFIG.value)
   workdir = checkpoint.local_workdir(_WORKDIR.value)
   cli.configure_devices([_CONFIG.value.training.batch_size], _NUM_PROCESSES.value)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from scoreflow.train import loop
 
-  summary = loop.train_and_evaluate(_CONFIG.value, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  summary = loop.train_and_evaluate(_CONFIG.value, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                                   experiment=experiment)
   if summary.get("abandoned_computation"):
     cli.exit_now(0)  # Stopped by SIGTERM mid-sampling: do not wait for the abandoned device computation.
 

@@ -32,7 +32,8 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from scoreflow.data import make_dataset
-from scoreflow.data import pipeline
+from scoreflow.data import stream as stream_lib
+from scoreflow.data import tfds_source
 
 
 def _smooth_images(count: int, height: int, width: int, seed: int):
@@ -79,7 +80,7 @@ def prepare(data_dir: str, count: int) -> None:
     shutil.move(os.path.join(data_dir, builder_name, "1.0.0"), os.path.join(data_dir, name, "1.0.0"))
 
 
-class _PerExampleReads(pipeline._SourceExamples):  # pylint: disable=protected-access
+class _PerExampleReads(tfds_source.SourceExamples):
   """The former read: one `source[i]` (one record lookup and decode) per example, on the calling thread."""
 
   def __call__(self, indices):
@@ -92,14 +93,14 @@ def stream_rate(name: str, data_dir: str, batch: int, batches: int, read_threads
                 augment: bool = False, per_example: bool = False) -> float:
   """Examples/s of a `make_dataset` stream over `batches` batches (after two warm-up batches)."""
   image_size = 64 if name == "celeb_a" else None
-  reads = pipeline._SourceExamples  # pylint: disable=protected-access
-  pipeline._SourceExamples = _PerExampleReads if per_example else reads  # pylint: disable=protected-access
+  reads = stream_lib.SourceExamples
+  stream_lib.SourceExamples = _PerExampleReads if per_example else reads  # The stream's reader of tfds examples.
   try:
     stream = make_dataset(name, "train", data_dir=data_dir, global_batch_size=batch, seed=0, image_size=image_size,
                           random_flip=augment, dequantize=augment, read_threads=read_threads,
                           prefetch_batches=prefetch)
   finally:
-    pipeline._SourceExamples = reads  # pylint: disable=protected-access
+    stream_lib.SourceExamples = reads
   with stream:
     for _ in range(2):
       next(stream)

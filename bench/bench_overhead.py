@@ -60,14 +60,15 @@ def random_params(model, shape, seed: int = 0):
 
 def trained_params(config_path: str, workdir: str):
   """`(model, EMA params, sde, parameterization, element shape)` of the newest checkpoint of a training run."""
-  from scoreflow.train import builders, sharding  # pylint: disable=import-outside-toplevel
+  from scoreflow.config import experiment as config_lib
+  from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
   from scoreflow.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(config_path))))  # `from configs import ...`
   spec = importlib.util.spec_from_file_location("bench_config", config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  experiment = builders.build_experiment(module.get_config())
+  experiment = config_lib.build_experiment(module.get_config())
   with open(os.path.join(workdir, "config.json")) as f:
     data = json.load(f)["data"]
   shape = (data["image_size"] or 8, data["image_size"] or 8, 1) if data["name"] == "digits" else None

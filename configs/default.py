@@ -4,7 +4,7 @@ Run a variant, not this file: `python run_train.py --config configs/digits_vp.py
 (this file alone trains the CIFAR-10 DDPM++ (VP) model, which needs CIFAR-10 prepared with tfds).
 Override any field from the command line: `--config.training.batch_size=64 --config.model.nf=32`.
 
-Sections (each is read in one place, `scoreflow.train.builders`):
+Sections (each is read in one place, `scoreflow.config`):
   seed: the run's seed (parameters, noise, data order).
   data: `scoreflow.data.make_dataset` arguments. `name`: a toy density (checkerboard, two_moons,
     eight_gaussians, swiss_roll, gaussian_mixture), `digits`, or a tfds dataset prepared in `data_dir`
@@ -15,7 +15,8 @@ Sections (each is read in one place, `scoreflow.train.builders`):
   model: a preset of `scoreflow.models.PRESETS` expanded into its fields (so that each can be overridden), see
     `model_config`.
   parameterization: what the network predicts: score, eps, x0, v or edm; its noise conditioning is the model's
-    `noise_conditioning` kind, with `time_scale` multiplying t for the "time" kind (999 in the paper).
+    `noise_conditioning` kind, with `time_scale` multiplying t for the "time" kind (999 in the paper);
+    `sigma_data`, the data's standard deviation that edm's preconditioning and the edm loss's weighting assume.
   loss: dsm (Eq. 7: `weighting` sigma2 or likelihood, `importance_sampling`, `reduce_mean` over dimensions,
     smallest time `eps`, `t_sampling` iid/stratified/antithetic), edm, ddpm (the DDPM chain's simple loss) or
     smld (NCSN's loss on the SMLD ladder).
@@ -50,7 +51,7 @@ Sections (each is read in one place, `scoreflow.train.builders`):
 
 import ml_collections
 
-from scoreflow.evaluate.run import eval_config
+from scoreflow.config import eval_config
 from scoreflow.models import PRESETS
 
 
@@ -77,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict(dict(
       name="dsm", weighting="sigma2", importance_sampling=False, reduce_mean=True, eps=1e-5, t_sampling="iid",
-      p_mean=-1.2, p_std=1.2, sigma_data=0.5))
+      p_mean=-1.2, p_std=1.2))
 
   config.optim = ml_collections.ConfigDict(dict(
       optimizer="adam", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,

@@ -54,6 +54,19 @@ _FIXES = {
 _DEFAULT_FIX = "make it writable or pass another --workdir"
 
 
+def define_run_flags(config_help: str, workdir_help: str):
+  """Defines the flags every entry point takes, `--config` (a config file, whose fields are overridden with
+  `--config.<section>.<field>=<value>`) and `--workdir`, both required; returns their holders."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config = config_flags.DEFINE_config_file(
+      "config", None, f"{config_help} (configs/<name>.py); override fields with --config.<section>.<field>=<value>, "
+      "e.g. --config.training.batch_size=64.", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+  return config, workdir
+
+
 def start(argv: Sequence[str]) -> None:
   """Rejects stray arguments, quiets INFO logs unless --verbosity is given, enables the compilation cache."""
   if len(argv) > 1:

@@ -55,34 +55,23 @@ References:
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scoreflow import flow
 from scoreflow._validation import concrete_value
+from scoreflow.flow import ODESolveInfo as ODESolveInfo  # Re-exported: the info of encode and decode.
+from scoreflow.flow import SolveStatus
 from scoreflow.sde import AbstractSDE
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 Divergence = Literal["hutchinson", "exact"]
 Probe = Literal["rademacher", "gaussian"]
-
-_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8, "bosh3": diffrax.Bosh3}
-
-
-class SolveStatus(enum.IntEnum):
-  """Per-example outcome of an ODE solve, as stored in the `status` field of the info tuples."""
-
-  SUCCESS = 0
-  MAX_STEPS_REACHED = 1  # The solve stopped at `max_steps` before reaching its end time.
-  NONFINITE = 2  # The solve finished but its result (state or log-density) is NaN or infinite.
-  SOLVER_FAILED = 3  # Any other solver failure (e.g. the end time was not reached).
-
 
 class LikelihoodInfo(NamedTuple):
   """What :func:`log_likelihood` reports besides the log-density and the latent."""
@@ -93,20 +82,6 @@ class LikelihoodInfo(NamedTuple):
   status: jax.Array  # [B] int32 SolveStatus code.
   logp_stderr: jax.Array  # [B] Hutchinson standard error of logp (0 for the exact trace; NaN for one probe
   #                          or a failed solve).
-
-  @property
-  def success(self):
-    """`[B]` bool: the solve of each example succeeded (`status == SolveStatus.SUCCESS`)."""
-    return self.status == SolveStatus.SUCCESS
-
-
-class ODESolveInfo(NamedTuple):
-  """What :func:`encode` and :func:`decode` report besides their result."""
-
-  nfe: jax.Array  # [B] int32 drift evaluations of each example's solve.
-  num_steps: jax.Array  # [B] int32 attempted steps (accepted + rejected).
-  num_rejected_steps: jax.Array  # [B] int32 rejected steps.
-  status: jax.Array  # [B] int32 SolveStatus code.
 
   @property
   def success(self):
@@ -191,106 +166,7 @@ def exact_divergence(fn, x):
   return fx, jnp.trace(jvps.reshape(num_dims, x.shape[0], num_dims), axis1=0, axis2=2)
 
 
-# --- The solve. --------------------------------------------------------------------------------------
-
-
-def _resolve_solver(solver):
-  if isinstance(solver, str):
-    if solver not in _SOLVERS:
-      raise ValueError(f"solver must be one of {sorted(_SOLVERS)} or a diffrax explicit Runge-Kutta solver "
-                       f"instance, got {solver!r}.")
-    return _SOLVERS[solver]()
-  if not (isinstance(solver, diffrax.AbstractERK) and isinstance(solver, diffrax.AbstractAdaptiveSolver)):
-    raise ValueError("solver must be one of " + str(sorted(_SOLVERS)) + " or an adaptive explicit Runge-Kutta "
-                     f"solver of diffrax (e.g. diffrax.Tsit5()), got {solver!r}.")
-  return solver
-
-
-def _nfe(solver, num_steps):
-  """Vector-field evaluations of an explicit RK solve: `num_stages` per attempted step, one less if FSAL."""
-  tableau = solver.tableau
-  fsal = int(tableau.fsal)
-  return (tableau.num_stages - fsal) * num_steps + fsal
-
-
-def _example_norm(batch_ndim: int):
-  """The error norm: max over leaves (and examples) of the RMS over each leaf's event axes."""
-
-  def norm(scaled_error):
-    per_leaf = []
-    for leaf in jax.tree.leaves(scaled_error):
-      axes = tuple(range(batch_ndim, leaf.ndim))
-      per_leaf.append(jnp.sqrt(jnp.mean(jnp.square(leaf), axis=axes)) if axes else jnp.abs(leaf))
-    return jnp.max(jnp.stack(per_leaf))
-
-  return norm
-
-
-def _solve(vector_field, y0, t0, t1, *, solver, rtol, atol, max_steps, batch_ndim):
-  r"""Adaptive solve from `t0` to `t1`; returns `(y(t1), status, num_steps, num_rejected_steps)`.
-
-  The solve runs in the normalised time :math:`s = (t - t_0)/(t_1 - t_0) \in [0, 1]` (either direction of
-  `t`) with `dt0=None`: diffrax then has no traced time interval to check with a host callback (which would
-  keep the program out of JAX's persistent compilation cache), and for an ODE term its first step is 0.01,
-  1% of the interval, without evaluating the vector field (diffrax 0.7.2).
-  """
-  dtype = t0.dtype
-  span = t1 - t0
-
-  def normalised_field(s, y, args):
-    dy = vector_field((t0 + s * span).astype(dtype), y, args)
-    return jax.tree.map(lambda leaf: span.astype(leaf.dtype) * leaf, dy)
-
-  s0, s1 = np.zeros((), dtype), np.ones((), dtype)
-  controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_example_norm(batch_ndim))
-  solver_state = None
-  if solver.tableau.fsal:
-    # An FSAL pair reuses the last stage of a step as the first of the next. Left to itself, diffrax evaluates
-    # the first stage at t0 again after every rejection of the first step; handing it f(t0, y0) makes the
-    # count exact: (num_stages - 1) evaluations per attempted step plus this one.
-    solver_state = (jnp.array(False), normalised_field(s0, y0, None))
-  solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(normalised_field), solver, s0, s1, None, y0, solver_state=solver_state,
-      saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller, max_steps=max_steps, throw=False)
-  y1 = jax.tree.map(lambda leaf: leaf[0], solution.ys)
-  status = jnp.where(
-      solution.result == diffrax.RESULTS.successful,
-      jnp.where(solution.ts[0] == s1, SolveStatus.SUCCESS, SolveStatus.SOLVER_FAILED),
-      jnp.where(solution.result == diffrax.RESULTS.max_steps_reached, SolveStatus.MAX_STEPS_REACHED,
-                SolveStatus.SOLVER_FAILED))
-  return y1, status, solution.stats["num_steps"], solution.stats["num_rejected_steps"]
-
-
-def _finalize_status(status, finite, batch):
-  """Per-example status `[B]`: the solver's outcome, else NONFINITE where the result is not finite."""
-  status = jnp.broadcast_to(status, (batch,)).astype(jnp.int32)
-  return jnp.where((status == SolveStatus.SUCCESS) & ~finite, jnp.int32(SolveStatus.NONFINITE), status)
-
-
-def _all_finite(x):
-  return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
-
-
-def _node_types(tree):
-  """The type of every node of a pytree, as a hashable cache key for the compiled programs below.
-
-  jax 0.10's `PyTreeDef` equality does not tell apart two `register_dataclass` classes with the same number
-  of fields (e.g. `VESDE` and `VPSDE`), so `eqx.filter_jit` would reuse one process's program for the other;
-  passing this key as a static argument keeps them apart.
-  """
-
-  def walk(treedef):
-    data = treedef.node_data()
-    return (None if data is None else data[0], tuple(walk(child) for child in treedef.children()))
-
-  return walk(jax.tree.structure(tree))
-
-
-def _check_score_output(name, score_fn, x, t):
-  out = jax.eval_shape(score_fn, x, t)
-  if getattr(out, "shape", None) != x.shape:
-    raise ValueError(f"{name}: score_fn(x, t) must return an array of the shape of x, {x.shape}, for x: [B, *D] and "
-                     f"t: [B]; got {getattr(out, 'shape', type(out).__name__)}.")
+# --- The solve (the ODE core is scoreflow.flow). -------------------------------------------------------
 
 
 @eqx.filter_jit
@@ -298,7 +174,7 @@ def _log_likelihood_impl(key, sde, score_fn, prior_logp_fn, x, eps, rtol, atol, 
                          solver, max_steps, per_example, node_types):
   del node_types  # Only a cache key (see _node_types).
   batch, num_dims = x.shape[0], math.prod(x.shape[1:])
-  _check_score_output("log_likelihood", score_fn, x, jnp.full((batch,), eps, x.dtype))
+  flow.check_score_output("log_likelihood", score_fn, x, jnp.full((batch,), eps, x.dtype))
   t1 = jnp.asarray(sde.T, x.dtype)
   probes = None
   if divergence == "hutchinson":
@@ -327,7 +203,7 @@ def _log_likelihood_impl(key, sde, score_fn, prior_logp_fn, x, eps, rtol, atol, 
         return dx[0], div[0]
 
       y0 = (x_b, jnp.zeros((num_integrals,), x.dtype))
-      return _solve(vector_field, y0, eps, t1, batch_ndim=0, **solve)
+      return flow.integrate(vector_field, y0, eps, t1, batch_ndim=0, **solve)
 
     probe_axis = None if probes is None else 1
     (z, delta), status, num_steps, num_rejected = jax.vmap(solve_one, in_axes=(0, probe_axis))(x, probes)
@@ -337,7 +213,7 @@ def _log_likelihood_impl(key, sde, score_fn, prior_logp_fn, x, eps, rtol, atol, 
       return drift_and_divergence(y[0], jnp.broadcast_to(t, (batch,)), probes)
 
     y0 = (x, jnp.zeros((batch, num_integrals), x.dtype))
-    (z, delta), status, num_steps, num_rejected = _solve(vector_field, y0, eps, t1, batch_ndim=1, **solve)
+    (z, delta), status, num_steps, num_rejected = flow.integrate(vector_field, y0, eps, t1, batch_ndim=1, **solve)
 
   prior_logp = sde.prior_logp(z) if prior_logp_fn is None else prior_logp_fn(z)
   if getattr(prior_logp, "shape", None) != (batch,):
@@ -352,44 +228,23 @@ def _log_likelihood_impl(key, sde, score_fn, prior_logp_fn, x, eps, rtol, atol, 
   else:
     stderr = jnp.std(logp_per_probe, axis=1, ddof=1) / math.sqrt(num_probes)
 
-  status = _finalize_status(status, jnp.isfinite(logp) & _all_finite(z), batch)
+  status = flow.finalize_status(status, jnp.isfinite(logp) & flow.all_finite(z), batch)
   ok = status == SolveStatus.SUCCESS
   logp, stderr = jnp.where(ok, logp, jnp.nan), jnp.where(ok, stderr, jnp.nan)
   z = jnp.where(ok.reshape((batch,) + (1,) * (x.ndim - 1)), z, jnp.nan)
   num_steps = jnp.broadcast_to(num_steps, (batch,)).astype(jnp.int32)
-  info = LikelihoodInfo(nfe=_nfe(solver, num_steps), num_steps=num_steps,
+  info = LikelihoodInfo(nfe=flow.solver_nfe(solver, num_steps), num_steps=num_steps,
                         num_rejected_steps=jnp.broadcast_to(num_rejected, (batch,)).astype(jnp.int32),
                         status=status, logp_stderr=stderr)
   return logp, z, info
 
 
 @eqx.filter_jit
-def _flow_impl(sde, score_fn, x, t0, t1, rtol, atol, *, solver, max_steps, per_example, node_types):
-  del node_types  # Only a cache key (see _node_types).
-  batch = x.shape[0]
-  _check_score_output("encode/decode", score_fn, x, jnp.full((batch,), t0, x.dtype))
-  solve = dict(solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
-  if per_example:
-
-    def solve_one(x_b):
-      def vector_field(t, y, args):
-        return sde.probability_flow_drift(score_fn, y[None], t[None])[0].astype(y.dtype)
-
-      return _solve(vector_field, x_b, t0, t1, batch_ndim=0, **solve)
-
-    y, status, num_steps, num_rejected = jax.vmap(solve_one)(x)
-  else:
-
-    def vector_field(t, y, args):
-      return sde.probability_flow_drift(score_fn, y, jnp.broadcast_to(t, (batch,))).astype(y.dtype)
-
-    y, status, num_steps, num_rejected = _solve(vector_field, x, t0, t1, batch_ndim=1, **solve)
-  status = _finalize_status(status, _all_finite(y), batch)
-  y = jnp.where((status == SolveStatus.SUCCESS).reshape((batch,) + (1,) * (x.ndim - 1)), y, jnp.nan)
-  num_steps = jnp.broadcast_to(num_steps, (batch,)).astype(jnp.int32)
-  return y, ODESolveInfo(nfe=_nfe(solver, num_steps), num_steps=num_steps,
-                         num_rejected_steps=jnp.broadcast_to(num_rejected, (batch,)).astype(jnp.int32),
-                         status=status)
+def _flow_impl(sde, score_fn, x, t0, t1, rtol, atol, *, solver, max_steps, per_example, error_control, node_types):
+  del node_types  # Only a cache key (see flow.node_types).
+  flow.check_score_output("encode/decode", score_fn, x, jnp.full((x.shape[0],), t0, x.dtype))
+  return flow.solve_flow(sde, score_fn, x, t0, t1, rtol, atol, solver=solver, max_steps=max_steps,
+                         per_example=per_example, error_control=error_control)
 
 
 # --- Argument checks (at trace time, before anything compiles). -------------------------------------
@@ -400,45 +255,6 @@ def _check_probe_options(probe, num_probes):
     raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {probe!r}.")
   if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
     raise ValueError(f"num_probes must be an int >= 1, got {num_probes!r}.")
-
-
-def _check_state(name, x, what):
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"{name}: {what} must be an array of shape [B, *D], got {type(x).__name__}.")
-  if x.ndim < 2:
-    raise ValueError(f"{name}: {what} must have shape [B, *D] with at least one data axis, got shape {x.shape}; "
-                     f"add a trailing axis for scalar data ({what}[:, None]).")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{name}: {what} must be floating point, got dtype {x.dtype}; dequantize integer data "
-                     "first (see scoreflow.dequantize).")
-  if jnp.finfo(x.dtype).bits < 32:
-    raise ValueError(f"{name}: {what} must be float32 or float64, got {x.dtype}: the adaptive ODE solve and its "
-                     "divergence integral need more than a half-precision mantissa. Cast it to float32 (the score "
-                     "network may still compute in bfloat16).")
-
-
-def _check_solve_options(name, sde, score_fn, eps, rtol, atol, max_steps):
-  if not isinstance(sde, AbstractSDE):
-    raise ValueError(f"{name}: sde must be a continuous-time process such as scoreflow.VPSDE(), got "
-                     f"{type(sde).__name__}.")
-  if not callable(score_fn):
-    raise ValueError(f"{name}: score_fn must be a callable score_fn(x [B, *D], t [B]) -> [B, *D], got "
-                     f"{type(score_fn).__name__}.")
-  if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-    raise ValueError(f"{name}: max_steps must be an int >= 1, got {max_steps!r}.")
-  for arg, value in (("rtol", rtol), ("atol", atol)):
-    concrete = concrete_value(value)
-    if concrete is not None and not (np.ndim(concrete) == 0 and concrete > 0):
-      raise ValueError(f"{name}: {arg} must be a positive scalar, got {np.asarray(concrete).tolist()}.")
-  eps_value, T_value = concrete_value(eps), concrete_value(sde.T)
-  if eps_value is not None and not (np.ndim(eps_value) == 0 and (T_value is None or 0 < eps_value < T_value)):
-    raise ValueError(f"{name}: eps must be a scalar time in (0, T) = (0, {T_value}), got "
-                     f"{np.asarray(eps_value).tolist()}; the usual choice is 1e-5.")
-
-
-def _as_leaf_arrays(sde):
-  """Python-number hyper-parameters as (weakly typed) arrays, so that changing them does not recompile."""
-  return jax.tree.map(jnp.asarray, sde)
 
 
 # --- Public API. --------------------------------------------------------------------------------------
@@ -502,8 +318,8 @@ def log_likelihood(key, sde: AbstractSDE, score_fn: ScoreFn, x, *, eps=1e-5, rto
   """
   name = "log_likelihood"
   x = jnp.asarray(x) if isinstance(x, np.ndarray) else x
-  _check_state(name, x, "x")
-  _check_solve_options(name, sde, score_fn, eps, rtol, atol, max_steps)
+  flow.check_state(name, x, "x")
+  flow.check_solve_options(name, sde, score_fn, eps, rtol, atol, max_steps)
   if divergence not in ("hutchinson", "exact"):
     raise ValueError(f"{name}: divergence must be 'hutchinson' or 'exact', got {divergence!r}.")
   _check_probe_options(probe, num_probes)
@@ -514,32 +330,33 @@ def log_likelihood(key, sde: AbstractSDE, score_fn: ScoreFn, x, *, eps=1e-5, rto
     raise ValueError(f"{name}: prior_logp_fn must be a callable z [B, *D] -> [B], got {type(prior_logp_fn).__name__}.")
   if not isinstance(per_example, bool):
     raise ValueError(f"{name}: per_example must be True or False, got {per_example!r}.")
-  sde = _as_leaf_arrays(sde)
+  sde = flow.as_leaf_arrays(sde)
   return _log_likelihood_impl(
       key if divergence == "hutchinson" else None, sde, score_fn, prior_logp_fn, x,
       jnp.asarray(eps, x.dtype), jnp.asarray(rtol, x.dtype), jnp.asarray(atol, x.dtype),
       divergence=divergence, probe=probe, num_probes=num_probes if divergence == "hutchinson" else 1,
-      solver=_resolve_solver(solver), max_steps=max_steps, per_example=per_example,
-      node_types=_node_types((sde, score_fn, prior_logp_fn)))
+      solver=flow.resolve_solver(solver), max_steps=max_steps, per_example=per_example,
+      node_types=flow.node_types((sde, score_fn, prior_logp_fn)))
 
 
-def _flow(name, sde, score_fn, x, forward, eps, rtol, atol, solver, max_steps, per_example):
+def _flow(name, sde, score_fn, x, forward, eps, rtol, atol, solver, max_steps, per_example, error_control):
   x = jnp.asarray(x) if isinstance(x, np.ndarray) else x
-  _check_state(name, x, "x" if forward else "z")
-  _check_solve_options(name, sde, score_fn, eps, rtol, atol, max_steps)
+  flow.check_state(name, x, "x" if forward else "z")
+  flow.check_solve_options(name, sde, score_fn, eps, rtol, atol, max_steps)
   if not isinstance(per_example, bool):
     raise ValueError(f"{name}: per_example must be True or False, got {per_example!r}.")
-  sde = _as_leaf_arrays(sde)
+  flow.check_error_control(name, error_control)
+  sde = flow.as_leaf_arrays(sde)
   start, end = jnp.asarray(eps, x.dtype), jnp.asarray(sde.T, x.dtype)
   if not forward:
     start, end = end, start
   return _flow_impl(sde, score_fn, x, start, end, jnp.asarray(rtol, x.dtype), jnp.asarray(atol, x.dtype),
-                    solver=_resolve_solver(solver), max_steps=max_steps, per_example=per_example,
-                    node_types=_node_types((sde, score_fn)))
+                    solver=flow.resolve_solver(solver), max_steps=max_steps, per_example=per_example,
+                    error_control=error_control, node_types=flow.node_types((sde, score_fn)))
 
 
 def encode(sde: AbstractSDE, score_fn: ScoreFn, x, *, eps=1e-5, rtol=1e-5, atol=1e-5, solver="dopri5",
-           max_steps: int = 4096, per_example: bool = False):
+           max_steps: int = 4096, per_example: bool = False, error_control: flow.ErrorControl = "example"):
   r"""Maps data to latents, :math:`z = x(T)`, by solving the probability-flow ODE forward from `eps` to `T`.
 
   The map is deterministic and invertible (:func:`decode` is its inverse up to the solver tolerance), so
@@ -547,6 +364,8 @@ def encode(sde: AbstractSDE, score_fn: ScoreFn, x, *, eps=1e-5, rtol=1e-5, atol=
 
   Args:
     sde, score_fn, eps, rtol, atol, solver, max_steps, per_example: as in :func:`log_likelihood`.
+    error_control: `"example"` (every example meets the tolerance) or `"batch"` (the RMS over the batch does;
+      the 2021 code's control), see :mod:`scoreflow.flow`.
     x: data in model space, `[B, *D]`.
 
   Returns:
@@ -555,17 +374,19 @@ def encode(sde: AbstractSDE, score_fn: ScoreFn, x, *, eps=1e-5, rtol=1e-5, atol=
   Raises:
     ValueError: as in :func:`log_likelihood`.
   """
-  return _flow("encode", sde, score_fn, x, True, eps, rtol, atol, solver, max_steps, per_example)
+  return _flow("encode", sde, score_fn, x, True, eps, rtol, atol, solver, max_steps, per_example, error_control)
 
 
 def decode(sde: AbstractSDE, score_fn: ScoreFn, z, *, eps=1e-5, rtol=1e-5, atol=1e-5, solver="dopri5",
-           max_steps: int = 4096, per_example: bool = False):
+           max_steps: int = 4096, per_example: bool = False, error_control: flow.ErrorControl = "example"):
   r"""Maps latents to data, :math:`x = x(\epsilon)`, by solving the probability-flow ODE backward from `T` to `eps`.
 
-  The inverse of :func:`encode` up to the solver tolerance; decoding prior samples is ODE sampling.
+  The inverse of :func:`encode` up to the solver tolerance; decoding prior samples is ODE sampling: with the same
+  solver, tolerances and `eps`, `decode(z)` equals `ode_sample(..., x_T=z)` (both run :func:`scoreflow.flow.solve_flow`).
 
   Args:
     sde, score_fn, eps, rtol, atol, solver, max_steps, per_example: as in :func:`log_likelihood`.
+    error_control: as in :func:`encode`.
     z: latents, `[B, *D]`.
 
   Returns:
@@ -574,7 +395,7 @@ def decode(sde: AbstractSDE, score_fn: ScoreFn, z, *, eps=1e-5, rtol=1e-5, atol=
   Raises:
     ValueError: as in :func:`log_likelihood`.
   """
-  return _flow("decode", sde, score_fn, z, False, eps, rtol, atol, solver, max_steps, per_example)
+  return _flow("decode", sde, score_fn, z, False, eps, rtol, atol, solver, max_steps, per_example, error_control)
 
 
 # --- Bits per dimension. -------------------------------------------------------------------------------
@@ -659,7 +480,9 @@ def dequantize(key, values, *, num_levels: int = 256, scale=2.0, shift=-1.0, dty
   r"""Uniformly dequantized, scaled data :math:`x = a\,(v + u)/L + b` with :math:`u \sim U[0, 1)^D`.
 
   The defaults map 8-bit images to `[-1, 1)`: :math:`x = 2(v + u)/256 - 1`. Use the same `num_levels` and
-  `scale` in :func:`bits_per_dim`.
+  `scale` in :func:`bits_per_dim`. This is the rule of the input pipeline too
+  (:meth:`scoreflow.data.AffineScaler.dequantize` of the dequantized scaler :math:`s = a/L`): values stay in the
+  cell of their level, so the scaler decodes them back to `v`.
 
   Args:
     key: PRNG key.
@@ -671,23 +494,52 @@ def dequantize(key, values, *, num_levels: int = 256, scale=2.0, shift=-1.0, dty
   Returns:
     `[B, *D]` continuous data in `dtype`.
   """
+  # Imported here: scoreflow.data's package also holds the tfds/grain pipeline, which the core need not load.
+  from scoreflow.data.scaling import AffineScaler, uniform_dequantize  # pylint: disable=g-import-not-at-top
+
   values = jnp.asarray(values)
   if values.ndim < 2:
     raise ValueError(f"dequantize: values must have shape [B, *D], got shape {values.shape}.")
-  noise = jax.random.uniform(key, values.shape, dtype)
-  unit = (values.astype(dtype) + noise) / num_levels
-  return jnp.asarray(scale, dtype) * unit + jnp.asarray(shift, dtype)
+  scaler = AffineScaler(jnp.asarray(scale, dtype) / num_levels, jnp.asarray(shift, dtype), num_levels=num_levels,
+                        dequantized=True)
+  return uniform_dequantize(key, values, dtype, scaler=scaler)
 
 
 class BitsPerDimEstimate(NamedTuple):
-  """Dataset bits/dim averaged over dequantization draws (host NumPy values)."""
+  """Dataset bits/dim from `R` dequantization (and probe) draws of each of `N` examples (host NumPy values);
+  :func:`summarize_bits_per_dim` makes it."""
 
-  mean: float  # Mean bits/dim over all examples and draws.
-  stderr: float  # Monte-Carlo standard error of `mean`: std of `repeat_means` / sqrt(num_repeats).
+  mean: float  # Mean bits/dim over the examples whose draws are all finite, and their draws.
+  stderr: float  # Standard error of `mean` as an estimate of the data distribution's bits/dim: the std of the
+  #                per-example means over the examples / sqrt(N) (it includes the dequantization and probe noise,
+  #                as each example's mean over draws is an independent draw).
+  dequantization_stderr: float  # Monte-Carlo error of `mean` for these N examples: std of `repeat_means` /
+  #                               sqrt(R) (NaN for R = 1).
   repeat_means: np.ndarray  # [R] dataset mean of each draw.
-  example_means: np.ndarray  # [N] each example's mean over draws (their spread over examples gives the
-  #                            sampling error with respect to the data distribution).
-  num_failed: int  # Solves that did not succeed; their NaN makes `mean` NaN.
+  example_means: np.ndarray  # [N] each example's mean over draws.
+  num_failed: int  # Examples with a non-finite draw (a failed solve); left out of `mean` and the errors.
+
+
+def summarize_bits_per_dim(draws) -> BitsPerDimEstimate:
+  """The one reduction of per-example bits/dim draws `[R, N]` (NaN for failed solves) to a dataset estimate.
+
+  Examples with any non-finite draw are counted in `num_failed` and left out.
+  """
+  draws = np.asarray(draws, np.float64)
+  if draws.ndim != 2 or draws.size == 0:
+    raise ValueError(f"summarize_bits_per_dim: draws must be a non-empty [R, N] array, got shape {draws.shape}.")
+  num_repeats = draws.shape[0]
+  example_means = draws.mean(axis=0)
+  finite = np.isfinite(example_means)
+  good = draws[:, finite]
+  repeat_means = good.mean(axis=1) if good.size else np.full(num_repeats, np.nan)
+  count = int(finite.sum())
+  stderr = float(np.std(example_means[finite], ddof=1) / math.sqrt(count)) if count > 1 else float("nan")
+  dequantization_stderr = (float(np.std(repeat_means, ddof=1) / math.sqrt(num_repeats))
+                           if num_repeats > 1 and good.size else float("nan"))
+  return BitsPerDimEstimate(mean=float(good.mean()) if good.size else float("nan"), stderr=stderr,
+                            dequantization_stderr=dequantization_stderr, repeat_means=repeat_means,
+                            example_means=example_means, num_failed=int(draws.shape[1] - count))
 
 
 @eqx.filter_jit
@@ -727,21 +579,16 @@ def evaluate_bits_per_dim(key, sde: AbstractSDE, score_fn: ScoreFn, batches: Ite
   if not isinstance(num_repeats, int) or num_repeats < 1:
     raise ValueError(f"evaluate_bits_per_dim: num_repeats must be an int >= 1, got {num_repeats!r}.")
   kwargs = tuple(sorted(likelihood_kwargs.items()))
-  per_batch, failed = [], 0
+  per_batch = []
   for index, values in enumerate(batches):
     draws = []
     for repeat in range(num_repeats):
       draw_key = jax.random.fold_in(jax.random.fold_in(key, index), repeat)
       bpd, success = _batch_bits_per_dim(draw_key, sde, score_fn, jnp.asarray(values), num_levels=num_levels,
                                          scale=scale, shift=shift, dtype=dtype, likelihood_kwargs=kwargs,
-                                         node_types=_node_types((sde, score_fn, kwargs)))
-      draws.append(np.asarray(bpd, np.float64))
-      failed += int(np.sum(~np.asarray(success)))
+                                         node_types=flow.node_types((sde, score_fn, kwargs)))
+      draws.append(np.where(np.asarray(success), np.asarray(bpd, np.float64), np.nan))
     per_batch.append(np.stack(draws))  # [R, B]
   if not per_batch:
     raise ValueError("evaluate_bits_per_dim: batches yielded no data.")
-  bpd = np.concatenate(per_batch, axis=1)  # [R, N]
-  repeat_means = bpd.mean(axis=1)
-  stderr = float(np.std(repeat_means, ddof=1) / math.sqrt(num_repeats)) if num_repeats > 1 else float("nan")
-  return BitsPerDimEstimate(mean=float(bpd.mean()), stderr=stderr, repeat_means=repeat_means,
-                            example_means=bpd.mean(axis=0), num_failed=failed)
+  return summarize_bits_per_dim(np.concatenate(per_batch, axis=1))

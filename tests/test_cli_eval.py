@@ -19,7 +19,7 @@ def config_file(tmp_path, module, body=""):
   """A config file that wraps `configs/<module>.py` (adding the `eval` section if that config lacks one)."""
   path = tmp_path / f"{module}_eval.py"
   path.write_text(
-      f"from configs import default, {module}\nfrom scoreflow.evaluate.run import eval_config\n\n\n"
+      f"from configs import default, {module}\nfrom scoreflow.config import eval_config\n\n\n"
       f"def get_config():\n  config = {module}.get_config()\n  if 'eval' not in config:\n"
       f"    config.eval = eval_config()\n{body}  return config\n")
   return str(path)

@@ -82,10 +82,10 @@ def test_bad_override_fails_fast_naming_the_field(tmp_path):
 
 def test_only_scoreflows_own_errors_lose_their_traceback():
   from scoreflow import cli
-  from scoreflow.train import builders
+  from scoreflow.config import experiment as config_lib
 
   with pytest.raises(ValueError) as own:
-    builders.config_field({}, "training.batch_size")
+    config_lib.config_field({}, "training.batch_size")
   assert cli.raised_by_own_check(own.value)
   with pytest.raises(ValueError) as foreign:  # Raised inside JAX: its traceback is what a user needs.
     jnp.split(jnp.ones(5), 2)

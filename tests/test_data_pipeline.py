@@ -8,6 +8,7 @@ import shutil
 import threading
 
 from etils import epath
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -15,7 +16,7 @@ import scipy.stats
 import tensorflow_datasets as tfds
 
 from scoreflow.data import AffineScaler, centre_crop, crop_resize, make_dataset, prepare_digits, resize, resize_small
-from scoreflow.data import pipeline
+from scoreflow.data import tfds_source
 
 DIGITS_TRAIN = 1498  # = 2 * 7 * 107
 
@@ -267,9 +268,11 @@ def test_dequantized_values_stay_in_their_cell_for_adversarial_noise(scaler, num
   k = np.concatenate([np.arange(64), 2**24 - np.arange(1, 4097), np.arange(2**10, 2**24, 2**14)])
   u = (k * 2.0**-24).astype(np.float32)
   levels = np.broadcast_to(np.arange(num_levels, dtype=np.float32)[:, None], (num_levels, len(u))).copy()
-  x = pipeline._dequantized(levels, np.broadcast_to(u, levels.shape), np.float32(scaler.scale),
-                            np.float32(scaler.shift), num_levels)
-  assert x.dtype == np.float32
+  offsets = np.broadcast_to(u, levels.shape)
+  x = scaler.dequantize(levels, offsets)  # The host rule of the input pipeline (NumPy in, NumPy out).
+  assert isinstance(x, np.ndarray) and x.dtype == np.float32
+  # The device rule (scoreflow.dequantize, uniform_dequantize) is the same rule: the same values, bit for bit.
+  np.testing.assert_array_equal(np.asarray(scaler.dequantize(jnp.asarray(levels), jnp.asarray(offsets))), x)
   np.testing.assert_array_equal(scaler.to_levels(x), levels)
   # The range [b, b + s L), which is (b + s L, b] for s < 0.
   if scaler.scale > 0:
@@ -387,9 +390,9 @@ def test_local_data_dir_as_epath_and_urls_kept_intact(data_dir):
   assert next(stream)["x"].shape == (4, 8, 8, 3)
   assert next(digits(epath.Path(data_dir)))["x"].shape == (14, 8, 8, 1)
   # pathlib.Path would collapse "gs://" to "gs:/"; the path, and the preparation command, keep the URL.
-  root = pipeline._data_dir_path("gs://bucket/tfds")
+  root = tfds_source.data_dir_path("gs://bucket/tfds")
   assert str(root / "cifar10" / "3.0.2") == "gs://bucket/tfds/cifar10/3.0.2"
-  message = str(pipeline._not_prepared_error("cifar10", root, "detail"))
+  message = str(tfds_source.not_prepared_error("cifar10", root, "detail"))
   assert "data_dir 'gs://bucket/tfds'" in message and "--data_dir=gs://bucket/tfds " in message
   if importlib.util.find_spec("gcsfs") is None:  # offline: reaching GCS needs gcsfs, and epath says so
     with pytest.raises(ImportError, match="gcsfs"):

@@ -21,17 +21,22 @@ from configs import default, digits_vp, toy_2d  # noqa: E402
 
 import scoreflow as sf  # noqa: E402
 from scoreflow.data import AffineScaler, make_dataset  # noqa: E402
-from scoreflow.evaluate import run  # noqa: E402
+from scoreflow import io  # noqa: E402
+from scoreflow.config import evaluation as eval_config  # noqa: E402
+from scoreflow.evaluate import bpd as bpd_lib  # noqa: E402
+from scoreflow.evaluate import checkpoints, reference, report, run  # noqa: E402
+from scoreflow.evaluate import samples as samples_lib  # noqa: E402
 from scoreflow.likelihood import bits_per_dim, dequantize  # noqa: E402
 from scoreflow.testing.analytic import GaussianMixture  # noqa: E402
-from scoreflow.train import builders, loop  # noqa: E402
+from scoreflow.config import experiment as config_lib
+from scoreflow.train import loop  # noqa: E402
 from scoreflow.train.checkpoint import CheckpointError, Checkpointer, check_workdir_config  # noqa: E402
 from scoreflow.train.state import TrainState  # noqa: E402
 
 
 def with_eval(config):
   if "eval" not in config:  # Until configs/default.py carries the section.
-    config.eval = run.eval_config()
+    config.eval = eval_config.eval_config()
   return config
 
 
@@ -72,7 +77,7 @@ def digits_config(tmp_path, **eval_fields):
 def write_run(workdir, config, steps, *, raw_params_scale=0.0, element_shape=(2,)):
   """A workdir whose checkpoints hold the initial state (the EMA network outputs exactly 0: `init_scale=0`); the
   raw parameters are the same plus `raw_params_scale` times a fixed perturbation."""
-  experiment = builders.build_experiment(config)
+  experiment = config_lib.build_experiment(config)
   x = jnp.zeros((1, *element_shape), jnp.float32)
   params = experiment.model.init({"params": jax.random.key(0)}, x, jnp.zeros((1,), jnp.float32), train=False)["params"]
   state = TrainState.create(params, experiment.optimizer, jax.random.key(1))
@@ -102,19 +107,19 @@ AVAILABLE = {"checkpoints": [0, 10, 20], "snapshot": [15, 20]}
     (":0", [("checkpoints", 0)]),
 ])
 def test_select_checkpoints(spec, expected):
-  assert run.select_checkpoints(AVAILABLE, spec) == expected
+  assert checkpoints.select_checkpoints(AVAILABLE, spec) == expected
 
 
 @pytest.mark.parametrize("spec, error, match", [
-    ("newest", builders.ConfigError, r"config.eval.checkpoints must be 'latest', 'all', a step"),
+    ("newest", config_lib.ConfigError, r"config.eval.checkpoints must be 'latest', 'all', a step"),
     ("30", CheckpointError, r"no checkpoint for step\(s\) \[30\]; available steps: \[0, 10, 15, 20\]"),
     ("21:29", CheckpointError, r"no checkpoint in that range; available steps: \[0, 10, 15, 20\]"),
 ])
 def test_select_checkpoints_errors(spec, error, match):
   with pytest.raises(error, match=match):
-    run.select_checkpoints(AVAILABLE, spec)
+    checkpoints.select_checkpoints(AVAILABLE, spec)
   with pytest.raises(CheckpointError, match="holds no checkpoint; train first"):
-    run.select_checkpoints({"checkpoints": [], "snapshot": []}, "latest")
+    checkpoints.select_checkpoints({"checkpoints": [], "snapshot": []}, "latest")
 
 
 @pytest.mark.parametrize("tasks, data, expected", [
@@ -124,23 +129,23 @@ def test_select_checkpoints_errors(spec, error, match):
     ("digits", "digits", ("samples", "digits")),
 ])
 def test_resolve_tasks(tasks, data, expected):
-  assert run.resolve_tasks(tasks, data) == expected
+  assert eval_config.resolve_tasks(tasks, data) == expected
 
 
 def test_bad_eval_settings_name_the_field(tmp_path):
-  with pytest.raises(builders.ConfigError, match="unknown task 'bdp'"):
-    run.resolve_tasks("bdp", "digits")
-  with pytest.raises(builders.ConfigError, match="'fid' needs images"):
-    run.resolve_tasks("fid", "two_moons")
-  with pytest.raises(builders.ConfigError, match="config.eval.bpd.num_examples must be > 0 for the toy density"):
-    run.build_eval_settings(toy_config(**{"bpd.num_examples": 0}))
+  with pytest.raises(config_lib.ConfigError, match="unknown task 'bdp'"):
+    eval_config.resolve_tasks("bdp", "digits")
+  with pytest.raises(config_lib.ConfigError, match="'fid' needs images"):
+    eval_config.resolve_tasks("fid", "two_moons")
+  with pytest.raises(config_lib.ConfigError, match="config.eval.bpd.num_examples must be > 0 for the toy density"):
+    eval_config.build_eval_settings(toy_config(**{"bpd.num_examples": 0}))
   config = with_eval(default.get_config())
   config.eval.tasks = "fid"
-  with pytest.raises(builders.ConfigError, match=r"inception_path is empty.*pt_inception-2015-12-05-6726825d\.pth"):
-    run.build_eval_settings(config)
+  with pytest.raises(config_lib.ConfigError, match=r"inception_path is empty.*pt_inception-2015-12-05-6726825d\.pth"):
+    eval_config.build_eval_settings(config)
   config.eval.fid.inception_path = str(tmp_path / "missing.npz")
-  with pytest.raises(builders.ConfigError, match=r"missing\.npz'?: no such file.*convert_pytorch_fid_weights"):
-    run.build_eval_settings(config)
+  with pytest.raises(config_lib.ConfigError, match=r"missing\.npz'?: no such file.*convert_pytorch_fid_weights"):
+    eval_config.build_eval_settings(config)
 
 
 # --- Bits/dim of a dataset against the closed form. ---------------------------------------------------------
@@ -156,7 +161,7 @@ def gaussian_bpd():
   ODE log-density of a dequantized point is exactly log N(x; alpha mu, alpha^2 s^2 + sigma^2) at t = eps."""
   kwargs = dict(eps=EPS, rtol=1e-7, atol=1e-7, divergence="exact",
                 prior_logp_fn=lambda z: DATA.log_prob_t(SDE, z, SDE.T))
-  bpd_fn = run.make_bpd_fn(SDE, lambda data: data.score(SDE), num_levels=LEVELS, scale=SCALE, shift=SHIFT,
+  bpd_fn = bpd_lib.make_bpd_fn(SDE, lambda data: data.score(SDE), num_levels=LEVELS, scale=SCALE, shift=SHIFT,
                            dtype=jnp.float64, likelihood_kwargs=kwargs)
   values = np.asarray(jax.random.randint(jax.random.key(3), (24, 3), 0, LEVELS))
   batches = [values[:8], values[8:16], values[16:]]  # 20 examples asked: the last batch has 4 of padding.
@@ -165,7 +170,7 @@ def gaussian_bpd():
 
 def test_bpd_equals_the_closed_form_per_example(tmp_path, gaussian_bpd):
   bpd_fn, batches, key = gaussian_bpd
-  result = run.evaluate_bpd(bpd_fn, run.bpd_batches(batches, 20), str(tmp_path), key=key, num_examples=20,
+  result = bpd_lib.evaluate_bpd(bpd_fn, bpd_lib.bpd_batches(batches, 20), str(tmp_path), key=key, num_examples=20,
                             num_repeats=2)
   saved = dict(np.load(result.per_example_file))
   assert saved["bpd_draws"].shape == (2, 20) and saved["nfe"].shape == (2, 20)
@@ -192,7 +197,7 @@ def test_bpd_equals_the_closed_form_per_example(tmp_path, gaussian_bpd):
 
 def test_bpd_resumes_after_an_interruption(tmp_path, gaussian_bpd):
   bpd_fn, batches, key = gaussian_bpd
-  straight = run.evaluate_bpd(bpd_fn, run.bpd_batches(batches, 20), str(tmp_path / "a"), key=key,
+  straight = bpd_lib.evaluate_bpd(bpd_fn, bpd_lib.bpd_batches(batches, 20), str(tmp_path / "a"), key=key,
                               num_examples=20, num_repeats=2)
   calls, interrupt_at = [], [3]
 
@@ -203,12 +208,12 @@ def test_bpd_resumes_after_an_interruption(tmp_path, gaussian_bpd):
     return bpd_fn(k, v)
 
   with pytest.raises(KeyboardInterrupt):
-    run.evaluate_bpd(interrupted, run.bpd_batches(batches, 20), str(tmp_path / "b"), key=key, num_examples=20,
+    bpd_lib.evaluate_bpd(interrupted, bpd_lib.bpd_batches(batches, 20), str(tmp_path / "b"), key=key, num_examples=20,
                      num_repeats=2)
   assert sorted(os.listdir(tmp_path / "b")) == ["batch_00000.npz"]  # Nothing half-written.
   calls.clear()
   interrupt_at[0] = None
-  resumed = run.evaluate_bpd(interrupted, run.bpd_batches(batches, 20), str(tmp_path / "b"), key=key,
+  resumed = bpd_lib.evaluate_bpd(interrupted, bpd_lib.bpd_batches(batches, 20), str(tmp_path / "b"), key=key,
                              num_examples=20, num_repeats=2)
   assert len(calls) == 4 and resumed.reused_batches == 1 and resumed.computed_batches == 2
   a, b = np.load(straight.per_example_file), np.load(resumed.per_example_file)
@@ -229,23 +234,23 @@ def test_sample_shards_count_shapes_resume_and_extension(tmp_path):
     return x, {"nfe": np.int32(10), "status": np.int32(0)}
 
   directory = str(tmp_path / "samples")
-  result = run.generate_samples(sample_shard, directory, num_samples=40, shard_size=16)
+  result = samples_lib.generate_samples(sample_shard, directory, num_samples=40, shard_size=16)
   assert calls == [0, 1, 2] and result.num_shards == 3 and result.shape == (4, 4, 1) and result.nfe_mean == 10
   sizes = [np.load(os.path.join(directory, f"shard_{i:05d}.npz"))["samples"].shape for i in range(3)]
   assert sizes == [(16, 4, 4, 1), (16, 4, 4, 1), (8, 4, 4, 1)]  # 40 samples in all, the last shard truncated.
-  samples = run.load_samples(directory, 40, 16)
+  samples = samples_lib.load_samples(directory, 40, 16)
   assert samples.shape == (40, 4, 4, 1) and samples.dtype == np.float32
 
   os.remove(os.path.join(directory, "shard_00001.npz"))  # As if interrupted before this shard was written.
   calls.clear()
-  resumed = run.generate_samples(sample_shard, directory, num_samples=40, shard_size=16)
+  resumed = samples_lib.generate_samples(sample_shard, directory, num_samples=40, shard_size=16)
   assert calls == [1] and resumed.reused_shards == 2 and resumed.computed_shards == 1
-  np.testing.assert_array_equal(run.load_samples(directory, 40, 16), samples)
+  np.testing.assert_array_equal(samples_lib.load_samples(directory, 40, 16), samples)
 
   calls.clear()  # Asking for more: the short last shard is drawn again (same first samples), one more is added.
-  run.generate_samples(sample_shard, directory, num_samples=60, shard_size=16)
+  samples_lib.generate_samples(sample_shard, directory, num_samples=60, shard_size=16)
   assert calls == [2, 3]
-  np.testing.assert_array_equal(run.load_samples(directory, 60, 16)[:40], samples)
+  np.testing.assert_array_equal(samples_lib.load_samples(directory, 60, 16)[:40], samples)
 
 
 def _shards_with_nonfinite_samples(directory, all_bad=False):
@@ -260,13 +265,13 @@ def _shards_with_nonfinite_samples(directory, all_bad=False):
       x[7, 2, 3, 0] = np.inf
     return x, {"nfe": np.int32(10), "status": np.int32(0)}
 
-  return run.generate_samples(sample_shard, str(directory), num_samples=40, shard_size=16)
+  return samples_lib.generate_samples(sample_shard, str(directory), num_samples=40, shard_size=16)
 
 
 def test_shard_outputs_read_each_shard_once_and_leave_out_nonfinite_samples(tmp_path, monkeypatch):
   result = _shards_with_nonfinite_samples(tmp_path / "samples")
   assert result.num_nonfinite == 3
-  assert "warning: 3 of 40 samples hold NaN or infinite values" in run.format_results(
+  assert "warning: 3 of 40 samples hold NaN or infinite values" in report.format_results(
       {"step": 1, "params": "ema", "checkpoint": "c", "samples": {**result.to_dict(), "sampler": {
           "method": "ddim", "options": {}}}})
   scaler = AffineScaler.centred(256)
@@ -277,23 +282,23 @@ def test_shard_outputs_read_each_shard_once_and_leave_out_nonfinite_samples(tmp_
     pixels = images.reshape(images.shape[0], -1).astype(np.float64) / 255
     return np.tanh(pixels @ to_pool), pixels @ to_logits
 
-  loaded, load = [], run._load_npz
-  monkeypatch.setattr(run, "_load_npz", lambda path: loaded.append(os.path.basename(path)) or load(path))
+  loaded, load = [], io.load_npz
+  monkeypatch.setattr(io, "load_npz", lambda path: loaded.append(os.path.basename(path)) or load(path))
   directory = str(tmp_path / "samples")
-  pool, logits, nonfinite = run.shard_outputs(outputs, directory, "net", 40, 16, scaler.to_uint8)
+  pool, logits, nonfinite = reference.shard_outputs(outputs, directory, "net", 40, 16, scaler.to_uint8)
   assert [name for name in loaded if name.startswith("shard_")] == [f"shard_{i:05d}.npz" for i in range(3)]
-  samples = run.load_samples(directory, 40, 16)
+  samples = samples_lib.load_samples(directory, 40, 16)
   finite = np.ones(40, bool)
   finite[[17, 18, 23]] = False
-  np.testing.assert_array_equal(run.finite_rows(samples), finite)
+  np.testing.assert_array_equal(samples_lib.finite_rows(samples), finite)
   expected_pool, expected_logits = outputs(scaler.to_uint8(samples[finite]))
   assert nonfinite == 3 and pool.shape == (37, 5) and logits.shape == (37, 3)
   np.testing.assert_allclose(pool, expected_pool, rtol=1e-6, atol=1e-6)  # Cached in float32.
   np.testing.assert_allclose(logits, expected_logits, rtol=1e-6, atol=1e-6)
 
   loaded.clear()  # Cached per shard: no shard is read again; fewer samples cut the cached outputs.
-  again = run.shard_outputs(outputs, directory, "net", 40, 16, scaler.to_uint8)
-  first_20 = run.shard_outputs(outputs, directory, "net", 20, 16, scaler.to_uint8)
+  again = reference.shard_outputs(outputs, directory, "net", 40, 16, scaler.to_uint8)
+  first_20 = reference.shard_outputs(outputs, directory, "net", 20, 16, scaler.to_uint8)
   assert not [name for name in loaded if name.startswith("shard_")]
   np.testing.assert_array_equal(again[0], pool)
   assert first_20[2] == 2 and first_20[0].shape == (18, 5)
@@ -301,7 +306,7 @@ def test_shard_outputs_read_each_shard_once_and_leave_out_nonfinite_samples(tmp_
 
   _shards_with_nonfinite_samples(tmp_path / "broken", all_bad=True)
   with pytest.raises(ValueError, match=r"all 40 samples in .*broken hold NaN or infinite values"):
-    run.shard_outputs(outputs, str(tmp_path / "broken"), "net", 40, 16, scaler.to_uint8)
+    reference.shard_outputs(outputs, str(tmp_path / "broken"), "net", 40, 16, scaler.to_uint8)
 
 
 # --- Reference statistics: resumable, cached, keyed. -------------------------------------------------------
@@ -327,7 +332,7 @@ def test_reference_statistics_resume_after_an_interruption(tmp_path):
     return features(batch)
 
   kwargs = dict(num_examples=60, num_features=6, kid_reference_size=20, save_every=2)
-  straight = run.reference_statistics(features, batches, str(tmp_path / "a" / "moments.npz"),
+  straight = reference.reference_statistics(features, batches, str(tmp_path / "a" / "moments.npz"),
                                       kid_path=str(tmp_path / "a" / "kid.npz"), **kwargs)
   direct = features(images[:60])
   assert straight.num_examples == 60 and straight.features.shape == (20, 6)
@@ -342,12 +347,12 @@ def test_reference_statistics_resume_after_an_interruption(tmp_path):
 
   directory = tmp_path / "b"
   with pytest.raises(KeyboardInterrupt):
-    run.reference_statistics(dies_in_batch_6, batches, str(directory / "moments.npz"),
+    reference.reference_statistics(dies_in_batch_6, batches, str(directory / "moments.npz"),
                              kid_path=str(directory / "kid.npz"), **kwargs)
   assert sorted(os.listdir(directory)) == ["moments.partial.npz"]
   starts.clear()
   computed.clear()
-  resumed = run.reference_statistics(counted, batches, str(directory / "moments.npz"),
+  resumed = reference.reference_statistics(counted, batches, str(directory / "moments.npz"),
                                      kid_path=str(directory / "kid.npz"), **kwargs)
   assert starts == [32] and computed == [8, 8, 8, 4]  # Images 32 .. 59 only.
   assert sorted(os.listdir(directory)) == ["kid.npz", "moments.npz"]
@@ -359,17 +364,17 @@ def test_reference_statistics_resume_after_an_interruption(tmp_path):
   stamp = os.stat(directory / "moments.npz").st_mtime_ns
   starts.clear()
   computed.clear()
-  smaller = run.reference_statistics(counted, batches, str(directory / "moments.npz"),
+  smaller = reference.reference_statistics(counted, batches, str(directory / "moments.npz"),
                                      kid_path=str(directory / "kid12.npz"), **{**kwargs, "kid_reference_size": 12})
   assert starts == [0] and computed == [8, 4] and os.stat(directory / "moments.npz").st_mtime_ns == stamp
   np.testing.assert_array_equal(smaller.features, straight.features[:12])
   np.testing.assert_array_equal(smaller.sigma, straight.sigma)
   starts.clear()
-  run.reference_statistics(counted, batches, str(directory / "moments.npz"), kid_path=str(directory / "kid.npz"),
+  reference.reference_statistics(counted, batches, str(directory / "moments.npz"), kid_path=str(directory / "kid.npz"),
                            **kwargs)
   assert starts == []
   with pytest.raises(ValueError, match=r"the images ended after 70 of 80"):
-    run.reference_statistics(features, batches, str(tmp_path / "c.npz"), num_examples=80, num_features=6)
+    reference.reference_statistics(features, batches, str(tmp_path / "c.npz"), num_examples=80, num_features=6)
 
 
 def test_reference_images_start_anywhere(tmp_path):
@@ -377,7 +382,7 @@ def test_reference_images_start_anywhere(tmp_path):
 
   config = with_eval(digits_vp.get_config())
   config.data.data_dir = str(tmp_path / "tfds")
-  images = run.reference_images(builders.build_experiment(config).data, "train", 8)
+  images = reference.reference_images(config_lib.build_experiment(config).data, "train", 8)
   levels = np.rint(load_digits_split("train", data_dir=config.data.data_dir)[0][:40] * 16)
   expected = np.rint(levels * (255 / 16)).astype(np.uint8)  # The 17 levels stretched to 8 bits, exactly.
   stream = images(0)
@@ -393,11 +398,11 @@ def test_reference_images_start_anywhere(tmp_path):
 def test_inception_reference_files_are_named_by_their_data(tmp_path):
   config = with_eval(digits_vp.get_config())
   config.data.data_dir = str(tmp_path / "tfds")
-  data, fid = builders.build_experiment(config).data, run.build_eval_settings(config).fid
+  data, fid = config_lib.build_experiment(config).data, eval_config.build_eval_settings(config).fid
   fid = dataclasses.replace(fid, kid_reference_size=100)
 
   def paths(data=data, fid=fid, num_examples=1000, version="1.0.0", weights_digest="0123abcd"):
-    return run.inception_reference_paths(str(tmp_path), data, fid, num_examples=num_examples, version=version,
+    return reference.inception_reference_paths(str(tmp_path), data, fid, num_examples=num_examples, version=version,
                                          weights_digest=weights_digest)
 
   moments, kid = paths()
@@ -449,14 +454,14 @@ def test_evaluate_bpd_and_samples_then_resume(tmp_path, monkeypatch):
   assert samples["num_samples"] == 40 and samples["num_shards"] == 3 and tuple(samples["shape"]) == (2,)
   assert samples["nfe_mean"] == 8 and samples["compilations"] == 1 and os.path.isfile(samples["grid"])
   assert samples["sampler"] == {"method": "ddim", "options": {"num_steps": 8, "eta": 0.0, "eps": 1e-3}}
-  x = run.load_samples(samples["directory"], 40, 16)
+  x = samples_lib.load_samples(samples["directory"], 40, 16)
   assert x.shape == (40, 2) and np.all(np.isfinite(x))
   summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
   assert summary["checkpoints"][0]["bpd"]["mean"] == bpd["mean"]
 
   # Interrupt a fresh evaluation twice (a crash while writing the 2nd, then the 5th result file), then finish it.
   config.eval.output_dir = str(tmp_path / "resumed")
-  real_savez = run.atomic_savez
+  real_savez = io.atomic_savez
 
   def crash_on(call):
     count = []
@@ -469,20 +474,20 @@ def test_evaluate_bpd_and_samples_then_resume(tmp_path, monkeypatch):
 
     return savez
 
-  monkeypatch.setattr(run, "atomic_savez", crash_on(2))
+  monkeypatch.setattr(io, "atomic_savez", crash_on(2))
   with pytest.raises(KeyboardInterrupt):
     run.evaluate(config, tmp_path / "run")  # Dies on bpd batch 1.
-  monkeypatch.setattr(run, "atomic_savez", crash_on(5))
+  monkeypatch.setattr(io, "atomic_savez", crash_on(5))
   with pytest.raises(KeyboardInterrupt):
     run.evaluate(config, tmp_path / "run")  # Batches 1, 2, the per-example file and shard 0; dies on shard 1.
-  monkeypatch.setattr(run, "atomic_savez", real_savez)
+  monkeypatch.setattr(io, "atomic_savez", real_savez)
   resumed = run.evaluate(config, tmp_path / "run")["checkpoints"][0]
   assert resumed["bpd"]["reused_batches"] == 3 and resumed["bpd"]["computed_batches"] == 0
   assert resumed["samples"]["reused_shards"] == 1 and resumed["samples"]["computed_shards"] == 2
   a, b = np.load(bpd["per_example_file"]), np.load(resumed["bpd"]["per_example_file"])
   for name in a.files:
     np.testing.assert_array_equal(a[name], b[name])
-  np.testing.assert_array_equal(run.load_samples(resumed["samples"]["directory"], 40, 16), x)
+  np.testing.assert_array_equal(samples_lib.load_samples(resumed["samples"]["directory"], 40, 16), x)
   assert resumed["bpd"]["mean"] == bpd["mean"]
 
 
@@ -537,13 +542,13 @@ def test_a_model_mismatch_is_an_error_and_never_shares_caches(tmp_path, capsys):
   assert right["bpd"]["computed_batches"] == 1 and right["bpd"]["reused_batches"] == 0
   assert right["directory"] != mistaken["directory"]
   assert right["bpd"]["mean"] != mistaken["bpd"]["mean"]
-  x_right = run.load_samples(right["samples"]["directory"], 40, 16)
-  x_wrong = run.load_samples(mistaken["samples"]["directory"], 40, 16)
+  x_right = samples_lib.load_samples(right["samples"]["directory"], 40, 16)
+  x_wrong = samples_lib.load_samples(mistaken["samples"]["directory"], 40, 16)
   assert np.max(np.abs(x_right - x_wrong)) > 0.1
   # Each setup finds its own results again.
   again = run.evaluate(wrong, workdir)["checkpoints"][0]
   assert again["directory"] == mistaken["directory"] and again["samples"]["reused_shards"] == 3
-  np.testing.assert_array_equal(run.load_samples(again["samples"]["directory"], 40, 16), x_wrong)
+  np.testing.assert_array_equal(samples_lib.load_samples(again["samples"]["directory"], 40, 16), x_wrong)
   settings = json.loads(open(os.path.join(right["directory"], "settings.json")).read())
   assert settings["model"]["sde.beta_max"] == 20.0 and settings["checkpoint"] == str(workdir / "checkpoints" / "4")
 
@@ -573,14 +578,14 @@ def test_fid_inputs_are_checked_before_any_checkpoint_is_read(tmp_path):
   bad = tmp_path / "not_inception.npz"
   np.savez(bad, **{"fc.weight": np.zeros((10, 2048), np.float32), "head.bias": np.zeros(3, np.float32)})
   config.eval.fid.inception_path = str(bad)
-  with pytest.raises(builders.ConfigError, match=r"(?s)not_inception\.npz'?: .*fc\.weight: expected shape "
+  with pytest.raises(config_lib.ConfigError, match=r"(?s)not_inception\.npz'?: .*fc\.weight: expected shape "
                                                  r"\(1008, 2048\), got \(10, 2048\); missing Conv2d_1a_3x3.*"
                                                  r"convert_pytorch_fid_weights"):
-    run.build_eval_settings(config)
+    eval_config.build_eval_settings(config)
   weights = tmp_path / "fid_inception.npz"
   save_fid_inception(weights, init_fid_inception(0))
   config.eval.fid.inception_path = str(weights)
-  run.build_eval_settings(config)  # The real network's arrays pass.
+  eval_config.build_eval_settings(config)  # The real network's arrays pass.
 
   workdir = tmp_path / "run"
   write_run(workdir, config, steps=[1], element_shape=(8, 8, 1))
@@ -609,7 +614,7 @@ def test_a_dequantized_run_decodes_samples_with_its_training_scaler(tmp_path):
   write_run(workdir, config, steps=[2], element_shape=(8, 8, 1))
   record = run.evaluate(config, workdir)["checkpoints"][0]
   directory = record["samples"]["directory"]
-  samples = run.load_samples(directory, 32, 16)
+  samples = samples_lib.load_samples(directory, 32, 16)
   trained = AffineScaler.centred(17, dequantized=True)
   levels = AffineScaler.centred(17)
   # The two decodings disagree on many pixels of these samples (by a level, up to 8 of 255 intensity steps).
@@ -625,13 +630,13 @@ def test_a_dequantized_run_decodes_samples_with_its_training_scaler(tmp_path):
 
   shard = dict(np.load(os.path.join(directory, "shard_00001.npz")))
   shard["samples"][:5] = np.nan  # As a diverged sampler leaves them: samples 16 .. 20.
-  run.atomic_savez(os.path.join(directory, "shard_00001.npz"), shard)
+  io.atomic_savez(os.path.join(directory, "shard_00001.npz"), shard)
   again = run.evaluate(config, workdir)["checkpoints"][0]
   assert again["samples"]["reused_shards"] == 2 and again["samples"]["num_nonfinite"] == 5
   assert again["digits"]["num_nonfinite_samples"] == 5 and again["digits"]["num_examples"] == 27
   kept = np.concatenate([samples[:16], samples[21:]])
   assert again["digits"]["fd"] == evaluate_digits_samples(classifier, kept, reference, scaler=trained).fd
-  assert "(5 non-finite samples left out)" in run.format_results(again)
+  assert "(5 non-finite samples left out)" in report.format_results(again)
 
 
 # --- The digits metric on a trained and an untrained model. ---------------------------------------------------
@@ -715,7 +720,7 @@ def test_inception_metrics_of_a_run_are_cached_and_consistent(tmp_path):
   assert not [name for name in os.listdir(os.path.dirname(fid["reference"])) if "partial" in name]
 
   # Independently: the samples as 8-bit images through the network give the cached features.
-  images = AffineScaler.centred(17).to_uint8(run.load_samples(directory, 12, 8))
+  images = AffineScaler.centred(17).to_uint8(samples_lib.load_samples(directory, 12, 8))
   padded = np.concatenate([images, images[-4:]])  # Whole batches of 8: the compiled shape; the copies are dropped.
   pool = fid_inception_outputs(variables, padded, batch_size=8)[0][:12]
   cached = sorted(f for f in os.listdir(directory) if f.startswith("inception-"))

@@ -154,7 +154,7 @@ def test_a_config_mismatch_is_not_corruption(tmp_path):
 
 
 def test_evaluation_tells_corruption_from_a_mismatch(saved_run, tmp_path, capsys):
-  from scoreflow.evaluate import run
+  from scoreflow.evaluate import checkpoints
 
   older, newer = _state(step=10), _state(seed=1, step=20)
   tmp_path = _copy(saved_run, tmp_path)
@@ -162,26 +162,26 @@ def test_evaluation_tells_corruption_from_a_mismatch(saved_run, tmp_path, capsys
   _corrupt(tmp_path / "checkpoints" / "20", "truncate")
   # Asked for by step: one line saying it is corrupt, not that the configuration differs.
   with pytest.raises(ckpt_lib.CorruptCheckpointError) as error:
-    run._restore_params(ckpt, _abstract(newer), "checkpoints", 20, True, {})
+    checkpoints.restore_params(ckpt, _abstract(newer), "checkpoints", 20, True, {})
   message = str(error.value)
   assert message.startswith(f"cannot evaluate {tmp_path}/checkpoints/20: it is corrupt or incomplete (its ")
   assert "do not match" not in message and "\n" not in message
   # `latest`: the newest intact one is evaluated, saying which; a training run holding the workdir keeps the
   # corrupt one in place (it moves it itself), otherwise evaluation moves it aside.
   with ckpt_lib.WorkdirLock(tmp_path):
-    params, kind, step = run._restore_params(ckpt, _abstract(newer), "checkpoints", 20, True, {},
+    params, kind, step = checkpoints.restore_params(ckpt, _abstract(newer), "checkpoints", 20, True, {},
                                              newest_intact=True)
   assert (kind, step) == ("checkpoints", 10) and (tmp_path / "checkpoints" / "20").exists()
   _assert_same(params, older.ema_params)
   assert "checkpoints/20 is corrupt (" in capsys.readouterr().out
-  params, kind, step = run._restore_params(ckpt, _abstract(newer), "checkpoints", 20, False, {},
+  params, kind, step = checkpoints.restore_params(ckpt, _abstract(newer), "checkpoints", 20, False, {},
                                            newest_intact=True)
   assert step == 10 and (tmp_path / "corrupt" / "checkpoints-20").exists()
   _assert_same(params, older.params)
   # A real mismatch still names the arrays.
   with pytest.raises(ckpt_lib.CheckpointError, match=r"do not match the model that --config describes(.|\n)*"
                                                      r"params/Dense_0/kernel: checkpoint has shape/dtype"):
-    run._restore_params(ckpt, _abstract(_state(features=8)), "checkpoints", 10, True, {})
+    checkpoints.restore_params(ckpt, _abstract(_state(features=8)), "checkpoints", 10, True, {})
 
 
 # --- The workdir lock. -----------------------------------------------------------------------------------------

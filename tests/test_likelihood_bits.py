@@ -80,7 +80,12 @@ def test_evaluate_bits_per_dim_matches_the_closed_form(getkey):
   expected = float(jnp.mean(bits_per_dim(expected_logp, 3, num_levels=levels, scale=a)))
   assert estimate.num_failed == 0
   assert estimate.repeat_means.shape == (8,) and estimate.example_means.shape == (24,)
-  assert estimate.stderr > 0
-  # (mean - expected) / stderr is Student-t with 7 degrees of freedom (Hutchinson and dequantization noise
-  # over 8 independent repeats; solver error ~1e-6 bits/dim is negligible): P(|t| > 6) = 5e-4.
-  assert abs(estimate.mean - expected) < 6 * estimate.stderr, (estimate.mean, expected, estimate.stderr)
+  assert estimate.stderr > 0 and estimate.dequantization_stderr > 0
+  # `expected` is the mean over the dequantization of these 24 examples, so the error of `mean` against it is the
+  # dequantization (repeat) error: (mean - expected) / dequantization_stderr is Student-t with 7 degrees of
+  # freedom (Hutchinson and dequantization noise over 8 independent repeats; solver error ~1e-6 bits/dim is
+  # negligible): P(|t| > 6) = 5e-4.
+  assert abs(estimate.mean - expected) < 6 * estimate.dequantization_stderr, (estimate.mean, expected,
+                                                                              estimate.dequantization_stderr)
+  # `stderr` is the error as an estimate of the data distribution's bits/dim: the spread over examples.
+  assert estimate.stderr == pytest.approx(np.std(estimate.example_means, ddof=1) / np.sqrt(24), rel=1e-12)

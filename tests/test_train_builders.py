@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import toy_2d
-from scoreflow.train import builders
+from scoreflow.config import experiment as config_lib
 
 
 # dpm_solver: 8 steps + the final denoising step the toy config asks for (sampling.denoise).
@@ -17,13 +17,13 @@ def test_config_sampling_methods_build_and_run(method, expected_nfe):
   config.sampling.method = method
   config.sampling.num_steps = 8
   config.sampling.predictor, config.sampling.corrector = "euler_maruyama", "none"
-  experiment = builders.build_experiment(config)
+  experiment = config_lib.build_experiment(config)
   settings = experiment.sampler
   assert settings.method == method
   sde = experiment.sampling_sde
   # The exact score of N(0, I) data under any process: -x / (alpha^2 + sigma^2).
   score_fn = lambda x, t: -x / (sde.alpha(t) ** 2 + sde.sigma(t) ** 2)[:, None]
-  x, info = builders.SAMPLERS[method][0](jax.random.key(0), sde, score_fn, (4, 2), **settings.kwargs)
+  x, info = config_lib.SAMPLERS[method][0](jax.random.key(0), sde, score_fn, (4, 2), **settings.kwargs)
   assert x.shape == (4, 2) and bool(jnp.all(jnp.isfinite(x)))
   if expected_nfe is not None:
     assert int(info.nfe) == expected_nfe
@@ -32,8 +32,8 @@ def test_config_sampling_methods_build_and_run(method, expected_nfe):
 def test_unknown_sampling_method_names_the_field():
   config = toy_2d.get_config()
   config.sampling.method = "heun"
-  with pytest.raises(builders.ConfigError, match=r"config.sampling.method must be one of .*'dpm_solver'.*got 'heun'"):
-    builders.build_experiment(config)
+  with pytest.raises(config_lib.ConfigError, match=r"config.sampling.method must be one of .*'dpm_solver'.*got 'heun'"):
+    config_lib.build_experiment(config)
 
 
 # --- config.loss -> the loss: every field reaches it (issue 15, item 5). ---------------------------------------
@@ -49,17 +49,19 @@ def _toy_config(name, fields):
   config.model = default.model_config("mlp_toy", width=16, depth=1, embedding_dim=16)
   config.loss.name = name
   for field, value in fields.items():
-    config.loss[field] = value
+    # sigma_data has one home: the preconditioning's data scale is the one the EDM loss weights by.
+    section = config.parameterization if field == "sigma_data" else config.loss
+    section[field] = value
   return config
 
 
 @pytest.mark.parametrize("name, fields", [("dsm", DSM_FIELDS), ("edm", EDM_FIELDS)])
 def test_each_config_loss_field_reaches_loss_kwargs(name, fields):
   """Changing one config.loss field changes exactly that keyword of the loss (and only the loss's fields go)."""
-  defaults = builders.build_experiment(_toy_config(name, {})).loss_kwargs
+  defaults = config_lib.build_experiment(_toy_config(name, {})).loss_kwargs
   assert set(defaults) == set(fields)
   for field, value in fields.items():
-    experiment = builders.build_experiment(_toy_config(name, {field: value} | (
+    experiment = config_lib.build_experiment(_toy_config(name, {field: value} | (
         {"weighting": "likelihood"} if field == "importance_sampling" else {})))
     assert experiment.loss == name and experiment.loss_kwargs[field] == value and value != defaults[field]
 
@@ -71,7 +73,7 @@ def test_objective_of_the_config_is_the_loss_called_by_hand(name, fields):
   import scoreflow as sf
   from scoreflow.train.step import make_objective
 
-  experiment = builders.build_experiment(_toy_config(name, fields))
+  experiment = config_lib.build_experiment(_toy_config(name, fields))
   model = experiment.model
   x0 = jax.random.normal(jax.random.key(1), (64, 2), jnp.float32)
   params = model.init(jax.random.key(0), x0, jnp.zeros((64,), jnp.float32), train=False)["params"]
@@ -93,5 +95,15 @@ def test_objective_of_the_config_is_the_loss_called_by_hand(name, fields):
   expected = float(loss_fn(key_loss, x0, score_fn, sde, **fields)[0])
   value = objective_value(experiment)
   np.testing.assert_allclose(value, expected, rtol=1e-6)
-  default_value = objective_value(builders.build_experiment(_toy_config(name, {})))
+  default_value = objective_value(config_lib.build_experiment(_toy_config(name, {})))
   assert abs(value - default_value) > 1e-2 * abs(default_value), (value, default_value)
+
+
+def test_one_sigma_data_for_the_edm_preconditioning_and_loss():
+  """config.parameterization.sigma_data is the only sigma_data: the EDM preconditioning and the EDM loss's weighting
+  read the same number (a separate loss.sigma_data could silently disagree with it)."""
+  config = _toy_config("edm", {"sigma_data": 0.7})
+  config.parameterization.name = "edm"
+  experiment = config_lib.build_experiment(config)
+  assert float(experiment.parameterization.sigma_data) == experiment.loss_kwargs["sigma_data"] == 0.7
+  assert "sigma_data" not in config.loss

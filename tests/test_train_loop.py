@@ -15,7 +15,8 @@ if REPO not in sys.path:
 
 from configs import toy_2d  # noqa: E402
 
-from scoreflow.train import builders, checkpoint, loop  # noqa: E402
+from scoreflow.config import experiment as config_lib
+from scoreflow.train import checkpoint, loop  # noqa: E402
 
 from _train_fixtures import read_checkpoint  # noqa: E402
 
@@ -133,14 +134,14 @@ def test_bad_config_names_the_field(path, value, message):
   config = tiny_config()
   config[section][field] = value
   with pytest.raises(ValueError, match=message):
-    builders.build_experiment(config)
+    config_lib.build_experiment(config)
 
 
 def test_unknown_model_argument_is_named():
   config = tiny_config()
   config.model.unknown_width = 3
   with pytest.raises(ValueError, match=r"config.model: build_model: ScoreMLP does not take \['unknown_width'\]"):
-    builders.build_experiment(config)
+    config_lib.build_experiment(config)
 
 
 def test_missing_dataset_fails_fast(tmp_path):
@@ -181,7 +182,7 @@ def test_decaying_schedule_refuses_a_new_length_on_resume(tmp_path):
                      r"\(config.optim.schedule='cosine' decays the learning rate"):
     loop.train_and_evaluate(config, tmp_path)
   config.optim.schedule = "constant"  # With a constant rate (after warm-up) training longer is a resume.
-  assert "training.num_train_steps" in builders.resumable_changes(config)
+  assert "training.num_train_steps" in config_lib.resumable_changes(config)
 
 
 def test_resume_logs_every_step_once(tmp_path):
@@ -211,7 +212,7 @@ def test_every_config_builds(name):
   import importlib
 
   config = importlib.import_module(f"configs.{name}").get_config()
-  experiment = builders.build_experiment(config)
+  experiment = config_lib.build_experiment(config)
   assert experiment.training.num_train_steps > 0
   if name.startswith("cifar10") or name.startswith("celeba"):
     # The paper's optimisation settings (Song et al. 2021, Appendix; the reference configs).
@@ -232,20 +233,20 @@ def test_paper_configs_pair_model_and_process():
               "cifar10_ddpm": ("DDPMChain", "EpsilonParameterization", "index", None),
               "celeba64_ncsnpp": ("VESDE", "ScoreParameterization", "sigma", None)}
   for name, (process, parameterization, kind, scale) in expected.items():
-    experiment = builders.build_experiment(importlib.import_module(f"configs.{name}").get_config())
+    experiment = config_lib.build_experiment(importlib.import_module(f"configs.{name}").get_config())
     assert type(experiment.process).__name__ == process
     assert type(experiment.parameterization).__name__ == parameterization
     assert experiment.parameterization.conditioning.kind == kind == experiment.model.noise_conditioning
     if scale is not None:
       assert experiment.parameterization.conditioning.scale == scale
-  ve = builders.build_experiment(importlib.import_module("configs.cifar10_ncsnpp_continuous").get_config())
+  ve = config_lib.build_experiment(importlib.import_module("configs.cifar10_ncsnpp_continuous").get_config())
   assert (ve.process.sigma_min, ve.process.sigma_max) == (0.01, 50.0) and ve.model.scale_by_sigma
   assert not ve.model.centered and ve.data.scaler == "unit_interval"  # The paper's VE runs use [0, 1] data.
 
 
 def test_mixed_precision_is_set_on_the_model():
   config = tiny_config(**{"training.compute_dtype": "bfloat16"})
-  experiment = builders.build_experiment(config)
+  experiment = config_lib.build_experiment(config)
   # The model computes in bfloat16 and keeps float32 parameters (Flax's param_dtype); the step casts nothing.
   assert experiment.model.dtype == jax.numpy.bfloat16 and experiment.compute_dtype is None
   params = experiment.model.init(jax.random.key(0), jax.numpy.zeros((2, 2), jax.numpy.float32),

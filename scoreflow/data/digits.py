@@ -22,6 +22,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+DIGITS_NAMES = ("digits", "scoreflow_digits")  # The names `make_dataset` accepts for this dataset.
 DIGITS_NUM_LEVELS = 17
 DIGITS_NUM_EXAMPLES = 1797
 _TEST_EVERY = 6

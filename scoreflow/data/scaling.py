@@ -60,6 +60,49 @@ def _is_host_value(value) -> bool:
   return isinstance(value, (int, float, np.ndarray, np.generic))
 
 
+_MAX_CELL_STEPS = 8  # Float steps a rounded value may need to reach its cell (a few ulps; see `dequantize`).
+
+
+def _nudged_into_cells(x, levels, scale, shift, xp):
+  """One float step of every value of `x` whose decoded level is not `levels`, towards its cell."""
+  cells = xp.floor((x - shift) / scale)
+  towards_higher_cells = xp.asarray(np.inf, x.dtype) * xp.sign(scale)
+  direction = xp.where(cells > levels, -towards_higher_cells, towards_higher_cells)
+  return xp.where(cells != levels, xp.nextafter(x, direction), x), cells != levels
+
+
+def _settled_host(levels, u, scale, shift, num_levels):
+  """:meth:`AffineScaler.dequantize` with NumPy; only the values whose `u` is near 0 or 1 can leave their cell,
+  so only those are checked (the input pipeline dequantizes every pixel of every batch)."""
+  x = scale * (levels + u) + shift
+  margin = 64 * float(np.finfo(x.dtype).eps) * (num_levels + abs(float(shift / scale)))
+  near = np.flatnonzero((u < margin) | (u > 1 - margin))
+  if near.size:
+    x.reshape(-1)[near] = _settle(levels.reshape(-1)[near], u.reshape(-1)[near], scale, shift, np)
+  return x
+
+
+def _settled_device(levels, u, scale, shift):
+  """:meth:`AffineScaler.dequantize` with JAX: every value checked, `_MAX_CELL_STEPS` fused elementwise passes."""
+  return _settle(levels, u, scale, shift, jnp, check=False)
+
+
+def _settle(levels, u, scale, shift, xp, check=True):
+  dequantized = levels + u
+  # A rounded-up l + u (the difference is exact: Sterbenz) becomes the largest float below l + 1.
+  dequantized = xp.where(dequantized - levels == 1, xp.nextafter(dequantized, xp.zeros_like(dequantized)),
+                         dequantized)
+  x = scale * dequantized + shift
+  for _ in range(_MAX_CELL_STEPS):
+    x, wrong = _nudged_into_cells(x, levels, scale, shift, xp)
+    if check and not wrong.any():
+      return x
+  if check and (xp.floor((x - shift) / scale) != levels).any():
+    raise RuntimeError(f"dequantize: values did not settle in their level's cell after {_MAX_CELL_STEPS} float "
+                       f"steps (scale={scale}, shift={shift}); the scaler's cells are too narrow for {x.dtype}.")
+  return x
+
+
 @pytree_dataclass
 class AffineScaler:
   r"""The affine map :math:`x = s\,\tilde x + b` from raw (or dequantized) levels to model space.
@@ -103,6 +146,14 @@ class AffineScaler:
     """Levels to `[0, 1]` (`x / (L-1)`), or dequantized values to `[0, 1)` (`(x + u) / L`)."""
     return cls(1.0 / _denominator(num_levels, dequantized), 0.0, num_levels=num_levels, dequantized=dequantized)
 
+  def as_dequantized(self) -> AffineScaler:
+    """The dequantized scaler onto the same range: :math:`s = a/L` for a levels scaler :math:`s = a/(L-1)` (the
+    map bits/dim is reported under: the data's cells fill the range); a dequantized scaler itself."""
+    if self.dequantized:
+      return self
+    return AffineScaler(self.scale * (self.num_levels - 1) / self.num_levels, self.shift, num_levels=self.num_levels,
+                        dequantized=True)
+
   def _coefficients(self, x):
     """`(xp, x, scale, shift)` with `x` floating and the coefficients cast to its dtype."""
     host = _is_host_value(x) and _is_host_value(self.scale) and _is_host_value(self.shift)
@@ -111,6 +162,30 @@ class AffineScaler:
     if not xp.issubdtype(x.dtype, xp.floating):
       x = x.astype(xp.float32)
     return xp, x, xp.asarray(self.scale, x.dtype), xp.asarray(self.shift, x.dtype)
+
+  def dequantize(self, levels, u):
+    r"""The one dequantization rule: model-space :math:`x = s\,(l + u) + b` of levels `l` with offsets `u` in
+    :math:`[0, 1)`, kept in the cell of `l`, so that :meth:`to_levels` of a dequantized scaler gives `l` back.
+
+    In floating point two roundings can push a value into the next cell: `l + u` rounds up to `l + 1` when `u`
+    is within half an ulp of 1 (any `u >= 1 - 2^{-17}` for float32 levels from 128), which at the top level gives
+    `x = 1`, outside the centred range `[-1, 1)`; and `s (l + u) + b` rounds again. Such values move one float
+    step at a time into their own cell (the decoded level is monotone in `x`); all others are
+    :math:`s(l + u) + b` as is. NumPy inputs are computed on the host (the input pipeline), JAX inputs on device
+    (pure; :func:`uniform_dequantize`, :func:`scoreflow.dequantize`), with the same result.
+
+    Args:
+      levels: `[*S]` integer levels `l` in `0 .. num_levels - 1` (integer or integral float).
+      u: `[*S]` offsets in `[0, 1)`, in the dtype of the result (float32 for integer levels).
+
+    Returns:
+      `[*S]` model-space values in the dtype of `u`.
+    """
+    xp, u, scale, shift = self._coefficients(u)
+    levels = xp.asarray(levels).astype(u.dtype)
+    if xp is np:
+      return _settled_host(levels, u, scale, shift, self.num_levels)
+    return _settled_device(levels, u, scale, shift)
 
   def forward(self, x_raw):
     r"""Model-space values :math:`s\,\tilde x + b` of raw levels or dequantized values `[*S]` -> `[*S]`."""
@@ -161,22 +236,24 @@ class AffineScaler:
     return xp.round(levels.astype(xp.float32) * (255.0 / (self.num_levels - 1))).astype(xp.uint8)
 
 
-def uniform_dequantize(key: jax.Array, x_raw: jax.Array, dtype=jnp.float32) -> jax.Array:
-  r"""Uniform dequantization :math:`\tilde x = x_{raw} + u`, :math:`u \sim U[0, 1)`, in `dtype`.
+def uniform_dequantize(key: jax.Array, x_raw: jax.Array, dtype=jnp.float32, *,
+                       scaler: AffineScaler | None = None) -> jax.Array:
+  r"""Uniform dequantization with :math:`u \sim U[0, 1)`: :meth:`AffineScaler.dequantize` of `x_raw` under
+  `scaler` (a dequantized one), or, without a scaler, the raw values :math:`\tilde x = x_{raw} + u`.
 
-  Pair the result with a scaler built with `dequantized=True` (scale `1/L`-based, see the module
-  docstring). The input pipeline does the same on the host with NumPy (`make_dataset(..., dequantize=True)`).
+  The input pipeline does the same on the host with NumPy (`make_dataset(..., dequantize=True)`), and
+  :func:`scoreflow.dequantize` for the likelihood: one rule.
 
   Args:
     key: a PRNG key.
     x_raw: integer (or integral float) levels `[*S]` in `0 .. L-1`.
     dtype: floating dtype of the result.
+    scaler: the map to model space; None: raw units (`scale = 1`, `shift = 0`).
 
   Returns:
-    `[*S]` values in :math:`[x_{raw}, x_{raw} + 1)`: where `x_raw + u` rounds up to `x_raw + 1` in `dtype`
-    (`u` within half an ulp of 1, e.g. `u >= 1 - 2^{-17}` for float32 levels from 128), the largest value
-    below `x_raw + 1`.
+    `[*S]` values in the cell of each level: :math:`[x_{raw}, x_{raw} + 1)` in raw units.
   """
-  levels = jnp.asarray(x_raw).astype(dtype)
-  cell_top = jnp.nextafter(levels + 1, levels)
-  return jnp.minimum(levels + jax.random.uniform(key, levels.shape, dtype), cell_top)
+  num_levels = scaler.num_levels if scaler is not None else 2
+  scaler = scaler if scaler is not None else AffineScaler(1.0, 0.0, num_levels=num_levels, dequantized=True)
+  levels = jnp.asarray(x_raw)
+  return scaler.dequantize(levels, jax.random.uniform(key, levels.shape, dtype))

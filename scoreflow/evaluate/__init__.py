@@ -1,9 +1,12 @@
-"""Sample quality: FID/IS/KID with pytorch-fid's Inception-v3 in Flax, and a digits domain metric."""
+"""Evaluation: sample quality (FID/IS/KID with pytorch-fid's Inception-v3 in Flax, a digits domain metric) and the
+engine of `run_eval.py` (:mod:`~scoreflow.evaluate.run`, which orchestrates :mod:`~scoreflow.evaluate.bpd`,
+:mod:`~scoreflow.evaluate.samples`, :mod:`~scoreflow.evaluate.reference`, :mod:`~scoreflow.evaluate.checkpoints`,
+:mod:`~scoreflow.evaluate.report` over resumable :mod:`~scoreflow.evaluate.units`)."""
 
 from scoreflow.evaluate.metrics import FeatureMoments as FeatureMoments
 from scoreflow.evaluate.metrics import FeatureStatistics as FeatureStatistics
 from scoreflow.evaluate.metrics import KernelDistance as KernelDistance
-from scoreflow.evaluate.metrics import atomic_savez as atomic_savez
+from scoreflow.io import atomic_savez as atomic_savez
 from scoreflow.evaluate.metrics import feature_statistics as feature_statistics
 from scoreflow.evaluate.metrics import frechet_distance as frechet_distance
 from scoreflow.evaluate.metrics import inception_score as inception_score

@@ -3,52 +3,41 @@ r"""Sampling by integrating the probability-flow ODE from `T` down to :math:`\ep
 .. math:: \frac{dx}{dt} = f(t)\,x - \tfrac12 g(t)^2\, s_\theta(x, t),
 
 whose solutions started from :math:`p_T` have the marginals :math:`p_t` of the forward SDE. Adaptive integration
-(Tsit5 or Dormand–Prince 5(4) with a PID step-size controller, from diffrax) runs on device inside one
-`while_loop`; fixed-step Euler and Heun run as a `lax.scan`.
+(Tsit5 or Dormand–Prince 5(4) with a PID step-size controller: the probability-flow core of :mod:`scoreflow.flow`)
+runs on device inside one `while_loop`; fixed-step Euler and Heun run as a `lax.scan`.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
+from scoreflow import flow
 from scoreflow.sde import AbstractSDE
 from scoreflow.sampling import _common
 from scoreflow.sampling._common import SampleInfo, ScoreFn, Spacing
 
 OdeMethod = Literal["tsit5", "dopri5", "euler", "heun"]
 
-# Explicit Runge–Kutta pairs with the first-same-as-last property: 7 stages, the first of which is the last of the
-# previous attempt, so every attempted step (accepted or rejected) costs 6 evaluations. The sampler evaluates the
-# first stage at T itself and hands it to diffrax as the solver state, so that rejected first attempts do not
-# re-evaluate it: NFE = 1 + 6 * attempted steps, exactly.
-_ADAPTIVE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
-_ADAPTIVE_NFE_PER_STEP = 6
-# First trial step as a fraction of the interval; the PID controller grows it by up to 10x per step.
-_INITIAL_STEP_FRACTION = 0.01
+_ADAPTIVE_METHODS = ("tsit5", "dopri5")
 _FIXED_NFE_PER_STEP = {"euler": 1, "heun": 2}
 
 
-def _status(result) -> jax.Array:
-  return jnp.select(
-      [result == diffrax.RESULTS.successful, result == diffrax.RESULTS.max_steps_reached,
-       result == diffrax.RESULTS.dt_min_reached],
-      [jnp.int32(0), jnp.int32(1), jnp.int32(2)], jnp.int32(3))
-
-
 def ode_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, method: OdeMethod = "tsit5", rtol=1e-5,
-               atol=1e-5, max_steps: int = 4096, num_steps: int | None = None, spacing: Spacing = "uniform",
-               eps=1e-3, denoise: bool = False, dtype=jnp.float32, x_T=None) -> tuple[jax.Array, SampleInfo]:
+               atol=1e-5, max_steps: int = 4096, error_control: flow.ErrorControl = "example",
+               num_steps: int | None = None, spacing: Spacing = "uniform", eps=1e-3, denoise: bool = False,
+               dtype=jnp.float32, x_T=None) -> tuple[jax.Array, SampleInfo]:
   r"""Draws samples by solving the probability-flow ODE from :math:`x_T \sim` prior at `T` to :math:`\epsilon`.
 
-  Adaptive methods (`"tsit5"`, `"dopri5"`) integrate the whole batch as one state with diffrax's
-  `PIDController(rtol, atol)` (error measured as the RMS over all elements of the batch, so the batch shares its
-  steps, as with the 2021 code's `solve_ivp` on the flattened batch). They never raise under `jit`: check
-  `info.status` (0 = success, 1 = `max_steps` reached). Fixed-step methods take `num_steps` steps on a grid
-  `uniform` in `t` or uniform in log-SNR (`spacing`):
+  Adaptive methods (`"tsit5"`, `"dopri5"`) run the probability-flow core :func:`scoreflow.flow.solve_flow`, the
+  solve of :func:`~scoreflow.decode` too: the batch shares its steps, and with `error_control="example"` every
+  example meets `rtol`/`atol` (`"batch"`: their RMS over the batch does, as with the 2021 code's `solve_ivp` on
+  the flattened batch: fewer steps, looser worst case). They never raise under `jit`: check `info.status`
+  (:class:`~scoreflow.flow.SolveStatus`: 0 success, 1 `max_steps` reached, 2 a non-finite result, 3 another
+  failure; failed samples are NaN). Fixed-step methods take `num_steps` steps on a grid `uniform` in `t` or
+  uniform in log-SNR (`spacing`):
 
   * `"euler"`: :math:`x_{i+1} = x_i + h_i v(x_i, t_i)`, 1 evaluation per step, order 1;
   * `"heun"`: :math:`x_{i+1} = x_i + \tfrac{h_i}{2}[v(x_i, t_i) + v(x_i + h_i v(x_i, t_i), t_{i+1})]`,
@@ -65,6 +54,7 @@ def ode_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, method: OdeMe
     method: `"tsit5"` (Tsitouras 2011), `"dopri5"` (Dormand & Prince 1980), `"euler"` or `"heun"`.
     rtol, atol: tolerances of the adaptive methods.
     max_steps: step budget of the adaptive methods (accepted plus rejected).
+    error_control: `"example"` or `"batch"`, the adaptive methods' error norm (see above).
     num_steps: number of steps of the fixed-step methods (required for them, ignored otherwise).
     spacing: time grid of the fixed-step methods, `"uniform"` or `"log_snr"`.
     eps: the final time :math:`\epsilon`.
@@ -99,39 +89,32 @@ def ode_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, method: OdeMe
   dtype = _common.check_dtype(owner, dtype)
   score_fn = _common.in_dtype_of_x(score_fn)
   _common.check_eps(owner, sde, eps)
-  if method not in _ADAPTIVE_SOLVERS and method not in _FIXED_NFE_PER_STEP:
+  if method not in _ADAPTIVE_METHODS and method not in _FIXED_NFE_PER_STEP:
     raise ValueError(f"{owner}: unknown method {method!r}; choose one of "
-                     f"{sorted(_ADAPTIVE_SOLVERS) + sorted(_FIXED_NFE_PER_STEP)}.")
+                     f"{sorted(_ADAPTIVE_METHODS) + sorted(_FIXED_NFE_PER_STEP)}.")
   x = _common.initial_state(key, sde, shape, dtype, x_T, owner)
 
-  def velocity(x, t):
-    return sde.probability_flow_drift(score_fn, x, _common.batch_time(t, x))
-
-  if method in _ADAPTIVE_SOLVERS:
+  if method in _ADAPTIVE_METHODS:
     _common.check_num_steps(owner, max_steps, name="max_steps")
     _common.check_range(owner, "rtol", rtol, low=0, low_open=True)
     _common.check_range(owner, "atol", atol, low=0, low_open=True)
+    flow.check_error_control(owner, error_control)
     t0, t1 = jnp.asarray(sde.T, dtype), jnp.asarray(eps, dtype)
-    first_stage = velocity(x, t0)
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, args: velocity(y, t)), _ADAPTIVE_SOLVERS[method](),
-        t0=t0, t1=t1, dt0=_INITIAL_STEP_FRACTION * (t1 - t0), y0=x,
-        saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        max_steps=max_steps, throw=False,
-        # The Runge–Kutta solver state (first_step, f0): f0 is already known, so the first stage is not recomputed.
-        solver_state=(jnp.asarray(False), first_stage))
-    x = solution.ys[-1]
-    steps = jnp.asarray(solution.stats["num_steps"], jnp.int32)
-    info = SampleInfo(nfe=_ADAPTIVE_NFE_PER_STEP * steps + 1, num_steps=steps,
-                      num_rejected_steps=jnp.asarray(solution.stats["num_rejected_steps"], jnp.int32),
-                      status=_status(solution.result))
+    x, solve_info = flow.solve_flow(sde, score_fn, x, t0, t1, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype),
+                                    solver=flow.resolve_solver(method), max_steps=max_steps,
+                                    error_control=error_control)
+    # Shared steps: every example's counts are the batch's; a failure of any example is the batch's status.
+    info = SampleInfo(nfe=jnp.max(solve_info.nfe), num_steps=jnp.max(solve_info.num_steps),
+                      num_rejected_steps=jnp.max(solve_info.num_rejected_steps), status=jnp.max(solve_info.status))
   else:
     if num_steps is None:
       raise ValueError(f"{owner}: method={method!r} is a fixed-step method and needs num_steps (a Python int "
                        ">= 1); pass e.g. num_steps=100, or use method='tsit5' for adaptive steps.")
     _common.check_num_steps(owner, num_steps)
     times = _common.time_grid(sde, num_steps, eps, spacing, dtype)
+
+    def velocity(x, t):
+      return sde.probability_flow_drift(score_fn, x, _common.batch_time(t, x))
 
     def euler_step(x, ts):
       t, t_next = ts

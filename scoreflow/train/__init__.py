@@ -2,16 +2,14 @@
 
 Modules: :mod:`~scoreflow.train.state` (TrainState, optimizer, EMA), :mod:`~scoreflow.train.step` (objective and
 train step), :mod:`~scoreflow.train.sharding` (mesh, multi-host batches), :mod:`~scoreflow.train.checkpoint`
-(Orbax), :mod:`~scoreflow.train.builders` (config -> objects), :mod:`~scoreflow.train.loop`
-(`train_and_evaluate`), :mod:`~scoreflow.train.visualize` (sample grids, loss curve).
+(Orbax), :mod:`~scoreflow.train.loop`
+(`train_and_evaluate`), :mod:`~scoreflow.train.visualize` (sample grids, loss curve). The config boundary
+(`build_experiment`, `Experiment`, `ConfigError`) lives in :mod:`scoreflow.config` and is re-exported here.
 """
 
-from scoreflow.train.builders import ConfigError as ConfigError
-from scoreflow.train.builders import Experiment as Experiment
-from scoreflow.train.builders import build_experiment as build_experiment
+from scoreflow.config.fields import ConfigError as ConfigError
 from scoreflow.train.checkpoint import CheckpointError as CheckpointError
 from scoreflow.train.checkpoint import Checkpointer as Checkpointer
-from scoreflow.train.loop import train_and_evaluate as train_and_evaluate
 from scoreflow.train.sharding import global_batch as global_batch
 from scoreflow.train.sharding import initialize_distributed as initialize_distributed
 from scoreflow.train.sharding import jit_train_step as jit_train_step
@@ -24,3 +22,15 @@ from scoreflow.train.state import update_ema as update_ema
 from scoreflow.train.step import make_network as make_network
 from scoreflow.train.step import make_objective as make_objective
 from scoreflow.train.step import make_train_step as make_train_step
+
+_LAZY = {"Experiment": "scoreflow.config.experiment", "build_experiment": "scoreflow.config.experiment",
+         "train_and_evaluate": "scoreflow.train.loop"}
+
+
+def __getattr__(name):
+  # Loaded on first use: scoreflow.config.experiment itself imports this package's state, step and sharding.
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'scoreflow.train' has no attribute {name!r}")

@@ -42,6 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scoreflow import io
+from scoreflow.config.fields import config_differences, field_matches
+
 CHECKPOINTS = "checkpoints"
 SNAPSHOT = "snapshot"
 CONFIG_FILE = "config.json"
@@ -500,33 +503,6 @@ class Checkpointer:
 
 # --- The run's configuration, kept beside its checkpoints. -----------------------------------------------------
 
-def flatten_config(tree, prefix="") -> dict:
-  """`{"a.b": value}` for every leaf field of a nested dict (a config as JSON)."""
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(flatten_config(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def field_matches(name: str, patterns) -> bool:
-  """Whether dotted field `name` is one of `patterns`, or lies in one of them that ends in "." (a section)."""
-  return any(name == p or (p.endswith(".") and name.startswith(p)) for p in patterns)
-
-
-def config_differences(old: dict, new: dict) -> dict[str, tuple]:
-  """`{"a.b": (old, new)}` for every leaf field that differs between two nested dicts."""
-  old_flat, new_flat = flatten_config(old), flatten_config(new)
-  missing = object()
-  diffs = {}
-  for name in sorted(set(old_flat) | set(new_flat)):
-    a, b = old_flat.get(name, missing), new_flat.get(name, missing)
-    if a != b:
-      diffs[name] = (None if a is missing else a, None if b is missing else b)
-  return diffs
-
-
 def check_workdir_config(workdir: str | os.PathLike, config: dict, *, allowed_changes=(), notes=None,
                          resuming: bool = True, allow_config_change: bool = False,
                          write: bool = True) -> dict[str, tuple]:
@@ -575,11 +551,7 @@ def check_workdir_config(workdir: str | os.PathLike, config: dict, *, allowed_ch
                             "Use a fresh --workdir, or pass --allow_config_change to resume this run with the new "
                             "configuration.")
   if write and (diffs or not resuming or not os.path.exists(path)):
-    os.makedirs(os.fspath(workdir), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    io.write_json(path, config, sort_keys=True)
   return diffs
 
 

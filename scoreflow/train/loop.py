@@ -1,6 +1,6 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-It builds every object from the config at one boundary (:func:`scoreflow.train.builders.build_experiment`),
+It builds every object from the config at one boundary (:func:`scoreflow.config.build_experiment`),
 then runs the compiled, sharded train step over the data stream with
 
 * automatic resume from the newest complete checkpoint (state, data position) in `workdir`;
@@ -30,18 +30,14 @@ import jax
 import numpy as np
 
 from scoreflow.data import make_dataset
-from scoreflow.train import builders, sharding, visualize
+from scoreflow import io
+from scoreflow.config.experiment import Experiment, build_experiment, resumable_changes, resume_notes
+from scoreflow.config.fields import config_to_dict
+from scoreflow.train import sharding, visualize
 from scoreflow.train.checkpoint import Checkpointer, WorkdirLock, check_workdir_config, local_workdir
 from scoreflow.train.step import make_objective, make_train_step
 
 logger = logging.getLogger(__name__)
-
-
-def config_to_dict(config) -> dict:
-  """A JSON-compatible nested dict of an `ml_collections.ConfigDict` (or a plain dict)."""
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  return json.loads(json.dumps(config, default=str))
 
 
 class MetricsWriter:
@@ -140,14 +136,17 @@ def _stack_batches(dataset, count: int):
   return {"x": np.stack([b["x"] for b in batches])}
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_change: bool = False) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_change: bool = False,
+                       experiment: Experiment | None = None) -> dict[str, Any]:
   """Trains the model that `config` describes in `workdir`, resuming from its newest checkpoint if any.
 
   Args:
     config: an `ml_collections.ConfigDict` with the fields of `configs/default.py`.
     workdir: the run's directory (created if needed), a local or mounted path.
     allow_config_change: resume a workdir whose `config.json` differs in fields other than the ones a resumed
-      run may change (:func:`scoreflow.train.builders.resumable_changes`).
+      run may change (:func:`scoreflow.config.experiment.resumable_changes`).
+    experiment: `build_experiment(config)`, when the caller has built it already (run_train.py does, to check
+      the config before JAX starts).
 
   Returns:
     The run's summary (also written to `workdir/summary.json` by process 0).
@@ -160,7 +159,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     FloatingPointError: with `training.nonfinite="halt"`, when a step has a non-finite loss or gradient (the last
       finite state is in the last checkpoint; nothing non-finite is written).
   """
-  experiment = builders.build_experiment(config)
+  experiment = experiment or build_experiment(config)
   settings = experiment.training
   workdir = local_workdir(workdir)
   is_main = jax.process_index() == 0
@@ -186,8 +185,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     cleanup.callback(checkpointer.close)  # Waits for asynchronous saves, on errors and preemption too.
     # config.json only guards a run that has saved state: without a checkpoint there is nothing to protect.
     accepted = check_workdir_config(workdir, config_to_dict(config),
-                                    allowed_changes=builders.resumable_changes(config),
-                                    notes=builders.resume_notes(config), resuming=checkpointer.latest() is not None,
+                                    allowed_changes=resumable_changes(config),
+                                    notes=resume_notes(config), resuming=checkpointer.latest() is not None,
                                     allow_config_change=allow_config_change, write=is_main)
     for name, (old, new) in accepted.items():
       say(f"config.{name} changed from {old!r} to {new!r} since this workdir's last run.")
@@ -360,8 +359,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       visualize.save_png(visualize.loss_curve_image([r["step"] for r in records], [r["loss"] for r in records]),
                          os.path.join(workdir, "loss.png"))
       summary["loss_curve"] = os.path.join(workdir, "loss.png")
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    io.write_json(os.path.join(workdir, "summary.json"), summary)
     say(_format_summary(summary))
   return summary
 
@@ -389,10 +387,7 @@ def _truncate_metrics(path: str, start_step: int) -> None:
     lines = [line for line in f if line.strip()]
   kept = [line for line in lines if json.loads(line)["step"] <= start_step]
   if len(kept) < len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    io.write_text(path, "".join(kept))
 
 
 def _format_summary(summary: dict) -> str:

@@ -1,4 +1,4 @@
-"""The one boundary from an `ml_collections` config to typed objects, through explicit tables.
+"""The boundary from an `ml_collections` config to the typed objects of a run, through explicit tables.
 
 :func:`build_experiment` reads a config (see `configs/default.py` for every field) and returns an
 :class:`Experiment`: the forward process, the network, the parameterization, the loss, the optimizer, the
@@ -23,6 +23,7 @@ from scoreflow.parameterization import (AbstractParameterization, DataParameteri
                                         EpsilonParameterization, NoiseConditioning, ScoreParameterization,
                                         VParameterization, make_score_fn)
 from scoreflow.sde import VESDE, VPSDE, CosineVPSDE, DDPMChain, SMLDChain, SubVPSDE
+from scoreflow.config.fields import ConfigError, config_choice, config_field, config_float, config_int
 from scoreflow.train import sharding
 from scoreflow.train.state import TrainState, learning_rate_schedule, make_optimizer
 from scoreflow.train.step import NONFINITE_POLICIES, make_network
@@ -48,7 +49,7 @@ PARAMETERIZATIONS: dict[str, type[AbstractParameterization]] = {
 # loss name -> the config.loss fields it takes.
 LOSS_FIELDS: dict[str, tuple[str, ...]] = {
     "dsm": ("weighting", "importance_sampling", "reduce_mean", "eps", "t_sampling"),
-    "edm": ("p_mean", "p_std", "sigma_data", "eps", "reduce_mean"),
+    "edm": ("p_mean", "p_std", "eps", "reduce_mean"),  # + sigma_data, from config.parameterization.
     "ddpm": ("reduce_mean", "t_sampling"),
     "smld": ("reduce_mean", "t_sampling"),
 }
@@ -212,56 +213,6 @@ class Experiment:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
 
-class ConfigError(ValueError):
-  """A config field with a bad value; the message names the field."""
-
-
-def config_field(config, path: str):
-  """The value at dotted `path` of `config` (a ConfigDict or nested dicts); ConfigError naming it if missing.
-
-  With :func:`config_choice`, :func:`config_int` and :func:`config_float`, the checks every section built from a
-  config uses (training here, evaluation in :mod:`scoreflow.evaluate.run`): errors name `config.<path>`.
-  """
-  node = config
-  for part in path.split("."):
-    try:
-      node = node[part]
-    except (KeyError, TypeError, AttributeError):
-      raise ConfigError(f"config.{path} is missing; start from configs/default.py, which defines every field.") \
-          from None
-  return node
-
-
-def config_choice(config, path: str, table) -> str:
-  """The value at `path`, which must be a key of `table`."""
-  value = config_field(config, path)
-  if value not in table:
-    raise ConfigError(f"config.{path} must be one of {sorted(table)}, got {value!r}.")
-  return value
-
-
-def config_int(config, path: str, minimum: int, hint: str = "") -> int:
-  """The integer (not bool) at `path`, at least `minimum`; `hint` is added to the error message."""
-  value = config_field(config, path)
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f"config.{path} must be an integer >= {minimum}, got {value!r}.{' ' + hint if hint else ''}")
-  return value
-
-
-def config_float(config, path: str, low=None, high=None, *, low_open=False, high_open=False) -> float:
-  """The number at `path` as a float, inside the interval given by `low`/`high` (open or closed ends)."""
-  value = config_field(config, path)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ConfigError(f"config.{path} must be a number, got {value!r}.")
-  value = float(value)
-  bad_low = low is not None and (value <= low if low_open else value < low)
-  bad_high = high is not None and (value >= high if high_open else value > high)
-  if bad_low or bad_high:
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    raise ConfigError(f"config.{path} must lie in {interval}, got {value!r}.")
-  return value
-
-
 def _built(what: str, build: Callable):
   """Calls `build()`, prefixing a constructor's ValueError with the config section it came from."""
   try:
@@ -283,11 +234,8 @@ def build_process(config):
 
 def build_sampling_sde(config, process):
   """The continuous SDE to sample from: the process itself, or the SDE a chain discretizes."""
-  if isinstance(process, DDPMChain):
-    return VPSDE(beta_min=process.beta_min, beta_max=process.beta_max)
-  if isinstance(process, SMLDChain):
-    return VESDE(sigma_min=process.sigma_min, sigma_max=process.sigma_max)
-  return process
+  del config
+  return process.continuous_sde
 
 
 def build_training(config) -> TrainingSettings:
@@ -351,12 +299,11 @@ def build_parameterization(config, model, process) -> AbstractParameterization:
     return _built("config.parameterization",
                   lambda: EDMPreconditioning(sigma_data=config_float(config, "parameterization.sigma_data", 0.0,
                                                                      low_open=True)))
-  if isinstance(process, DDPMChain) and name != "eps":
-    raise ConfigError(f"config.parameterization.name must be 'eps' for the DDPM chain (its loss trains a noise "
-                      f"predictor), got {name!r}.")
-  if isinstance(process, SMLDChain) and name != "score":
-    raise ConfigError(f"config.parameterization.name must be 'score' for the SMLD chain (its loss trains a score "
-                      f"network), got {name!r}.")
+  target = process.network_target
+  if target is not None and name != target:
+    what = {"eps": "a noise predictor", "score": "a score network"}[target]
+    raise ConfigError(f"config.parameterization.name must be {target!r} for the {process.chain_loss.upper()} chain "
+                      f"(its loss trains {what}), got {name!r}.")
   kind = getattr(model, "noise_conditioning", "time")
   num_steps = config_field(config, "sde.num_scales")
   scale = config_float(config, "parameterization.time_scale", 0.0, low_open=True)
@@ -375,6 +322,8 @@ def build_loss(config, sde_name: str, process):
     raise ConfigError(f"config.loss.name={name!r} trains the {name.upper()} chain and needs config.sde.name="
                       f"{name!r}, got {sde_name!r}.")
   kwargs = {field: config_field(config, f"loss.{field}") for field in LOSS_FIELDS[name]}
+  if name == "edm":  # One sigma_data: the data scale the preconditioning assumes is the one the loss weights by.
+    kwargs["sigma_data"] = config_float(config, "parameterization.sigma_data", 0.0, low_open=True)
   if name == "dsm":
     if kwargs["weighting"] not in ("sigma2", "likelihood"):
       raise ConfigError(f"config.loss.weighting must be 'sigma2' or 'likelihood', got {kwargs['weighting']!r}.")

@@ -49,106 +49,33 @@ dequantization and the affine :class:`~scoreflow.data.scaling.AffineScaler` (cen
 default).
 """
 
+
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import functools
 import math
 import os
-import re
 import sys
 import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
 
-from etils import epath
 import grain
 import numpy as np
-import PIL.Image
 
 from scoreflow.data import toy
-from scoreflow.data.digits import DIGITS_NUM_LEVELS, prepare_digits
+from scoreflow.data.digits import DIGITS_NAMES
 from scoreflow.data.scaling import AffineScaler
+from scoreflow.data.tfds_source import InMemoryExamples, SourceExamples, num_levels, open_tfds_split
+from scoreflow.data.transforms import preprocessing
 
-DIGITS_NAMES = ("digits", "scoreflow_digits")
-CELEBA_CROP_SIZE = 140
-_DEFAULT_IMAGE_SIZE = {"celeb_a": 64, "lsun": 256}
 _SCALER_NAMES = {"centred": AffineScaler.centred, "centered": AffineScaler.centred,
                  "unit_interval": AffineScaler.unit_interval}
 _STATE_IDENTITY = ("name", "version", "split", "num_examples", "seed", "shuffle", "num_epochs",
                    "global_batch_size")
 # Identity keys that states saved by earlier scoreflow versions lack: such states resume, unchecked on these.
 _LATER_IDENTITY = ("version", "num_examples")
-_RESAMPLING = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Image operations (NumPy / PIL, uint8 [H, W, C] in and out).
-
-
-def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The central `size` x `size` window of `image: [H, W, C]` (top-left at `((H-size)//2, (W-size)//2)`)."""
-  height, width = image.shape[:2]
-  if height < size or width < size:
-    raise ValueError(f"centre_crop: image of shape {image.shape} is smaller than the crop size {size}.")
-  top, left = (height - size) // 2, (width - size) // 2
-  return image[top:top + size, left:left + size]
-
-
-def resize(image: np.ndarray, height: int, width: int, resample: str = "bilinear") -> np.ndarray:
-  """Resize of uint8 `image: [H, W, C]` to `[height, width, C]` with PIL (antialiased when shrinking).
-
-  Args:
-    image: uint8 `[H, W, C]`.
-    height, width: the output size; an image already of that size is returned as is.
-    resample: `"bilinear"` or `"bicubic"` (the output is rounded and clipped to uint8 levels).
-  """
-  if resample not in _RESAMPLING:
-    raise ValueError(f"resize: resample must be one of {tuple(_RESAMPLING)}, got {resample!r}.")
-  if image.shape[:2] == (height, width):
-    return image
-  if image.dtype != np.uint8:
-    raise ValueError(f"resize: expected uint8 pixel levels, got dtype {image.dtype}.")
-  channels = image.shape[-1]
-  pil_image = PIL.Image.fromarray(image[..., 0] if channels == 1 else image)
-  resized = pil_image.resize((width, height), resample=_RESAMPLING[resample])
-  return np.asarray(resized).reshape(height, width, channels)
-
-
-def resize_small(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of `image: [H, W, C]` so that its shorter side is `size`, keeping the aspect ratio.
-
-  The other side is `round(side * size / min(H, W))`, as in Song et al. (2021)'s `resize_small`.
-  """
-  height, width = image.shape[:2]
-  ratio = size / min(height, width)
-  return resize(image, int(round(height * ratio)), int(round(width * ratio)))
-
-
-def crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-  """The central `min(H, W)` square of `image: [H, W, C]`, bicubic-resized to `size` x `size`.
-
-  Song et al. (2021)'s `crop_resize` (their LSUN preprocessing at sizes other than 128).
-  """
-  return resize(centre_crop(image, min(image.shape[:2])), size, size, resample="bicubic")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Preprocess:
-  """Example dict -> `{"image": uint8 [H, W, C], "label": int32 []}`, applying the image operations in order."""
-
-  geometry: tuple[Callable[[np.ndarray], np.ndarray], ...] = ()
-
-  def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-    image = np.asarray(example["image"])
-    if image.ndim == 2:
-      image = image[..., None]
-    for operation in self.geometry:
-      image = operation(image)
-    return {"image": image, "label": np.int32(example.get("label", 0))}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Random access to the stream: positions, epoch permutations, counter-based randomness.
@@ -171,60 +98,6 @@ def _splitmix64(seed: int, counters: np.ndarray) -> np.ndarray:
 def _uniform_float32(seed: int, counters: np.ndarray) -> np.ndarray:
   """U[0, 1) float32 with 24 random bits (exactly representable, never 1) for each counter."""
   return (_splitmix64(seed, counters) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
-
-
-_MAX_CELL_STEPS = 8
-
-
-def _dequantized(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np.float32,
-                 num_levels: int) -> np.ndarray:
-  r"""Model-space values :math:`x = s\,(l + u) + b` (float32) that stay in the cell of their level `l`.
-
-  In float32 two roundings can push a value into the next cell: `l + u` rounds up to `l + 1` when `u` is
-  within half an ulp of 1 (any `u >= 1 - 2^{-17}` for `l >= 128`), which at the top level gives `x = 1`,
-  outside the centred range `[-1, 1)`; and `s (l + u) + b` rounds again. Measured in levels, these roundings
-  and those of decoding, :math:`\lfloor (x - b) / s \rfloor` as :meth:`AffineScaler.to_levels` computes it,
-  move a value by a few ulps of :math:`\max(l, |b / s|)`, so only values with `u` that close to 0 or 1 can
-  land in another cell. Those are settled by :func:`_settle_in_cells`; all others are `s (l + u) + b` as is.
-
-  Args:
-    levels: float32 `[*S]`, integer levels `l` in `0 .. num_levels - 1`.
-    u: float32 `[*S]` in `[0, 1)`.
-    scale, shift: :math:`s` and :math:`b` of the dequantized scaler, as float32.
-    num_levels: `L`, which bounds the levels.
-
-  Returns:
-    float32 `[*S]`.
-  """
-  x = scale * (levels + u) + shift
-  margin = 64 * float(np.finfo(np.float32).eps) * (num_levels + abs(float(shift / scale)))
-  near = np.flatnonzero((u < margin) | (u > 1 - margin))
-  if near.size:
-    x.reshape(-1)[near] = _settle_in_cells(levels.reshape(-1)[near], u.reshape(-1)[near], scale, shift)
-  return x
-
-
-def _settle_in_cells(levels: np.ndarray, u: np.ndarray, scale: np.float32, shift: np.float32) -> np.ndarray:
-  """`s (l + u) + b` for `[N]` values near a cell edge, moved into the cell of `l` where rounding left it.
-
-  A rounded-up `l + u` becomes the largest float32 below `l + 1`; a value that still decodes to another level
-  moves one float32 step at a time towards its own cell (the decoded level is monotone in `x`).
-  """
-  dequantized = levels + u
-  rounded_up = dequantized - levels == 1  # The difference is exact (Sterbenz).
-  dequantized[rounded_up] = np.nextafter(dequantized[rounded_up], np.float32(0))
-  x = scale * dequantized + shift
-  towards_higher_cells = np.float32(np.inf) * np.sign(scale)
-  for _ in range(_MAX_CELL_STEPS):
-    cells = np.floor((x - shift) / scale)
-    wrong = cells != levels
-    if not wrong.any():
-      return x
-    x[wrong] = np.nextafter(x[wrong], np.where(cells[wrong] > levels[wrong], -towards_higher_cells,
-                                               towards_higher_cells))
-  raise RuntimeError(f"make_dataset: dequantized values did not settle in their level's cell after "
-                     f"{_MAX_CELL_STEPS} float32 steps (scale={scale}, shift={shift}); the scaler's cells are too "
-                     "narrow for float32.")
 
 
 class _EpochPermutations:
@@ -264,7 +137,8 @@ class _ImageBatches:
     self._noise_seed = noise_seed
     self._scale = np.float32(scaler.scale)
     self._shift = np.float32(scaler.shift)
-    self._num_levels = scaler.num_levels
+    self._scaler = AffineScaler(self._scale, self._shift, num_levels=scaler.num_levels,
+                                dequantized=scaler.dequantized)  # Host float32 coefficients.
     self._first_offset = process_index * local_batch_size
     self._global_batch_size = global_batch_size
     self._local_batch_size = local_batch_size
@@ -287,55 +161,7 @@ class _ImageBatches:
     num_dims = math.prod(self._element_shape)
     counters = positions[:, None].astype(np.uint64) * np.uint64(num_dims) + np.arange(num_dims, dtype=np.uint64)
     u = _uniform_float32(self._noise_seed, counters).reshape(levels.shape)
-    return {"x": _dequantized(levels, u, self._scale, self._shift, self._num_levels), "label": labels}
-
-
-class _InMemoryExamples:
-  """All preprocessed examples of a small split held as arrays (the digits: at most 1797 x 64 bytes).
-
-  Every process holds all of them.
-  """
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    self._images, self._labels = images, labels
-
-  def __call__(self, indices):
-    return self._images[indices], self._labels[indices]
-
-  def close(self) -> None:
-    """Nothing to release: no threads of its own."""
-
-
-class _SourceExamples:
-  """Reads and preprocesses the examples at `indices` from a tfds data source, this process's only.
-
-  The records come from the source's batched read (`__getitems__`); with `num_threads > 1` the indices are
-  split into that many contiguous chunks, read, decoded and preprocessed at once on a thread pool, and
-  concatenated in order, so the result does not depend on `num_threads`.
-  """
-
-  def __init__(self, source, preprocess: _Preprocess, num_threads: int):
-    self._source, self._preprocess = source, preprocess
-    self._num_threads = num_threads
-    self._pool = (concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="scoreflow-read")
-                  if num_threads > 1 else None)
-
-  def _read(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
-    return [self._preprocess(example) for example in self._source.__getitems__(indices)]
-
-  def __call__(self, indices):
-    if self._pool is None:
-      examples = self._read(indices.tolist())
-    else:
-      chunks = np.array_split(indices, min(self._num_threads, len(indices)))
-      examples = [example for chunk in self._pool.map(self._read, [chunk.tolist() for chunk in chunks])
-                  for example in chunk]
-    return (np.stack([example["image"] for example in examples]),
-            np.array([example["label"] for example in examples], np.int32))
-
-  def close(self) -> None:
-    if self._pool is not None:
-      self._pool.shutdown(cancel_futures=True)
+    return {"x": self._scaler.dequantize(levels, u), "label": labels}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,115 +274,6 @@ class DataIterator:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Opening prepared tfds datasets without network access.
-
-
-def _not_prepared_error(name: str, data_dir: epath.Path, detail: str) -> FileNotFoundError:
-  return FileNotFoundError(
-      f"Dataset {name!r} is not prepared in data_dir {str(data_dir)!r}: {detail}. scoreflow reads tfds "
-      "datasets offline and never downloads. Prepare it once on a machine with network access and "
-      "TensorFlow, then copy the data_dir here:\n"
-      "  pip install tensorflow tensorflow-datasets\n"
-      f"  tfds build {name} --data_dir={data_dir} --file_format=array_record\n"
-      f"Built-in datasets that need no preparation: {DIGITS_NAMES[0]!r} and the toy densities "
-      f"{toy.TOY_DATASETS}.")
-
-
-def _version_key(path: epath.Path):
-  parts = path.name.split(".")
-  return tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else ()
-
-
-def _prepared_builder_dir(name: str, data_dir: epath.Path) -> epath.Path:
-  """`<data_dir>/<name>/<version>` of a prepared dataset (latest version unless `name` pins one)."""
-  dataset, _, version = name.partition(":")
-  root = data_dir / dataset
-  if not root.is_dir():
-    raise _not_prepared_error(name, data_dir, f"directory {str(root)!r} does not exist")
-  candidates = sorted((path for path in root.iterdir() if (path / "dataset_info.json").is_file()),
-                      key=_version_key)
-  if version:
-    candidates = [path for path in candidates if path.name == version]
-  if not candidates:
-    found = sorted(path.name for path in root.iterdir() if path.is_dir())
-    detail = (f"no prepared version{' ' + version if version else ''} under {str(root)!r} (a "
-              f"<version>/dataset_info.json; found entries {found}; a dataset with configs is named "
-              "'<dataset>/<config>')")
-    raise _not_prepared_error(name, data_dir, detail)
-  builder_dir = candidates[-1]
-  if not any(".array_record" in path.name for path in builder_dir.iterdir()):
-    raise _not_prepared_error(name, data_dir, f"{str(builder_dir)!r} holds no array_record files (prepared in "
-                              "another format; random access needs array_record)")
-  return builder_dir
-
-
-def _data_dir_path(data_dir: str | os.PathLike | None) -> epath.Path:
-  """`data_dir` (or tfds' default) as an `epath.Path`, which keeps URLs such as `gs://bucket/tfds` intact."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  return epath.Path(tfds.core.constants.DATA_DIR if data_dir is None else data_dir).expanduser()
-
-
-def _open_tfds_split(name: str, split: str, data_dir) -> tuple[Any, Any]:
-  """(data source, DatasetInfo) of a split; digits are prepared on first use, other datasets must exist."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  if name in DIGITS_NAMES:
-    builder = prepare_digits(data_dir)
-  else:
-    builder = tfds.builder_from_directory(_prepared_builder_dir(name, _data_dir_path(data_dir)))
-  available = tuple(builder.info.splits)
-  # A tfds split expression: splits joined by "+", each optionally sliced ("train[:90%]+test").
-  unknown = [part for part in (re.sub(r"\[.*\]$", "", term.strip()) for term in split.split("+"))
-             if part not in available]
-  if unknown:
-    raise ValueError(f"make_dataset: split {split!r} does not exist for dataset {name!r} (unknown: {unknown}); "
-                     f"available splits: {available}, which tfds expressions such as 'train[:90%]' or "
-                     "'train+test' slice and combine.")
-  try:
-    source = builder.as_data_source(split=split)
-  except ValueError as error:
-    raise ValueError(f"make_dataset: cannot read split {split!r} of {name!r}: {error}") from error
-  return source, builder.info
-
-
-def _num_levels(name: str, features) -> int:
-  if name in DIGITS_NAMES:
-    return DIGITS_NUM_LEVELS
-  if "image" not in features:
-    raise ValueError(f"make_dataset: dataset {name!r} has no 'image' feature (features: {list(features)}); "
-                     "only image datasets are supported.")
-  dtype = np.dtype(features["image"].np_dtype)
-  if dtype != np.uint8:
-    raise ValueError(f"make_dataset: dataset {name!r} stores images as {dtype}; only uint8 images are supported.")
-  return 256
-
-
-def _preprocessing(name: str, image_size: int | None, image_shape: tuple[int | None, ...]) -> _Preprocess:
-  """The geometry of Song et al. (2021)'s input pipeline for `name` (see the module docstring).
-
-  `image_shape` is the dataset's image feature shape, `None` where the size varies between images.
-  """
-  base = name.partition(":")[0].split("/")[0]
-  if base == "celeb_a":
-    size = image_size or _DEFAULT_IMAGE_SIZE[base]
-    return _Preprocess((functools.partial(centre_crop, size=CELEBA_CROP_SIZE),
-                        functools.partial(resize, height=size, width=size)))
-  if base == "lsun":
-    size = image_size or _DEFAULT_IMAGE_SIZE[base]
-    if size == 128:
-      return _Preprocess((functools.partial(resize_small, size=size), functools.partial(centre_crop, size=size)))
-    return _Preprocess((functools.partial(crop_resize, size=size),))
-  if image_size is not None:
-    return _Preprocess((functools.partial(resize, height=image_size, width=image_size),))
-  if None in tuple(image_shape)[:2]:
-    raise ValueError(f"make_dataset: the images of dataset {name!r} vary in size (feature shape "
-                     f"{tuple(image_shape)}) and image_size is None, so batches cannot be stacked; set "
-                     "image_size (config: data.image_size) to resize every image to image_size x image_size.")
-  return _Preprocess()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -677,20 +394,20 @@ def make_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None, g
                         identity=identity, element_shape=(2,), scaler=None, num_batches=None,
                         process_index=process_index, process_count=process_count)
 
-  source, info = _open_tfds_split(name, split, data_dir)
-  scaler = _resolve_scaler(scaler, _num_levels(name, info.features), dequantize)
+  source, info = open_tfds_split(name, split, data_dir)
+  scaler = _resolve_scaler(scaler, num_levels(name, info.features), dequantize)
   num_examples = len(source)
   if num_examples == 0:
     raise ValueError(f"make_dataset: split {split!r} of {name!r} is empty.")
   identity.update(version=str(info.version), num_examples=num_examples)
-  preprocess = _preprocessing(name, image_size, info.features["image"].shape)
+  preprocess = preprocessing(name, image_size, info.features["image"].shape)
   element_shape = preprocess(source[0])["image"].shape
   if name in DIGITS_NAMES:
     examples = [preprocess(example) for example in source.__getitems__(list(range(num_examples)))]
-    read_examples = _InMemoryExamples(np.stack([example["image"] for example in examples]),
+    read_examples = InMemoryExamples(np.stack([example["image"] for example in examples]),
                                       np.array([example["label"] for example in examples], np.int32))
   else:
-    read_examples = _SourceExamples(source, preprocess, read_threads)
+    read_examples = SourceExamples(source, preprocess, read_threads)
   shuffle_seed, flip_seed, noise_seed = (int(s) for s in np.random.SeedSequence(entropy).generate_state(3, np.uint64))
   batch_fn = _ImageBatches(
       read_examples, num_examples, element_shape, shuffle_seed=shuffle_seed if shuffle else None,
