@@ -23,8 +23,15 @@ Names:
   CelebA-64 and small CPU models) and the one table from config to module.
   :func:`count_parameters`: parameter count from shapes alone.
   :mod:`scoreflow.models.layers`: embeddings, FIR resampling, residual and attention blocks.
+  :func:`from_score_sde_pytorch`, :func:`from_score_sde_flax` (and their inverses :func:`to_score_sde_pytorch`,
+  :func:`to_score_sde_flax`): the published score_sde checkpoints (PyTorch `.pth`, Flax msgpack) as UNet params
+  (:mod:`scoreflow.models.importers` documents the key scheme).
 """
 
+from scoreflow.models.importers import from_score_sde_flax as from_score_sde_flax
+from scoreflow.models.importers import from_score_sde_pytorch as from_score_sde_pytorch
+from scoreflow.models.importers import to_score_sde_flax as to_score_sde_flax
+from scoreflow.models.importers import to_score_sde_pytorch as to_score_sde_pytorch
 from scoreflow.models.mlp import ScoreMLP as ScoreMLP
 from scoreflow.models.presets import ARCHITECTURES as ARCHITECTURES
 from scoreflow.models.presets import PRESETS as PRESETS

@@ -136,9 +136,11 @@ def fourier_frequencies(num_frequencies: int, scale: float, seed: int = 0) -> np
   return scale * np.random.default_rng(seed).standard_normal(num_frequencies)
 
 
-def fourier_embedding(cond, num_frequencies: int, scale: float = 16.0, seed: int = 0, dtype=None):
+def fourier_embedding(cond, num_frequencies: int, scale: float = 16.0, seed: int = 0, dtype=None,
+                      frequencies=None):
   r"""Gaussian Fourier features (Tancik et al. 2020; Song et al. 2021, NCSN++):
-  :math:`e(c) = [\sin(2\pi c\,\omega), \cos(2\pi c\,\omega)]`, :math:`\omega` from :func:`fourier_frequencies`.
+  :math:`e(c) = [\sin(2\pi c\,\omega), \cos(2\pi c\,\omega)]`, :math:`\omega` from :func:`fourier_frequencies`
+  or given.
 
   Args:
     cond: `[B]` conditioning values (NCSN++ embeds :math:`\log\sigma`).
@@ -146,6 +148,8 @@ def fourier_embedding(cond, num_frequencies: int, scale: float = 16.0, seed: int
     scale: standard deviation of the frequencies (16 in NCSN++).
     seed: seed of the frequencies.
     dtype: output dtype (default: float32, or float64 for float64 input).
+    frequencies: `[num_frequencies]` frequencies :math:`\omega` to use instead of the seed's (e.g. an imported
+      checkpoint's frozen `W`); may be traced.
 
   Returns:
     `[B, 2 * num_frequencies]`.
@@ -155,8 +159,15 @@ def fourier_embedding(cond, num_frequencies: int, scale: float = 16.0, seed: int
     raise ValueError(f"fourier_embedding: cond must have shape [B], got shape {cond.shape}.")
   if dtype is None:
     dtype = embedding_dtype(cond.dtype if jnp.issubdtype(cond.dtype, jnp.floating) else jnp.float32)
-  omega = jnp.asarray(2 * np.pi * fourier_frequencies(num_frequencies, scale, seed), dtype)
-  angles = cond.astype(dtype)[:, None] * omega[None, :]
+  if frequencies is None:
+    omega = jnp.asarray(2 * np.pi * fourier_frequencies(num_frequencies, scale, seed), dtype)
+    angles = cond.astype(dtype)[:, None] * omega[None, :]
+  elif jnp.shape(frequencies) != (num_frequencies,):
+    raise ValueError(f"fourier_embedding: frequencies must have shape ({num_frequencies},), got "
+                     f"{jnp.shape(frequencies)}.")
+  else:
+    # (c w) 2 pi, in the references' order of operations: the same rounding as theirs.
+    angles = (cond.astype(dtype)[:, None] * jnp.asarray(frequencies, dtype)[None, :]) * jnp.asarray(2 * np.pi, dtype)
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
 
 
@@ -209,6 +220,11 @@ class NoiseEmbedding(nn.Module):
     embedding_dim: see `embedding_type`.
     fourier_scale: frequency scale of the Fourier embedding.
     noise_conditioning: what `cond` holds (see :func:`conditioning_to_embedding_input`).
+
+  Parameters: `Dense_0`, `Dense_1`; with the Fourier embedding, optionally `frequencies` (`[embedding_dim]`): a
+  checkpoint's frozen frequencies, used (under `stop_gradient`) instead of the seed's when the params hold them.
+  `init` never creates it; :mod:`scoreflow.models.importers` adds it for the 2021 reference's NCSN++ weights, whose
+  frequencies were drawn at random and frozen.
   """
 
   features: int
@@ -223,7 +239,12 @@ class NoiseEmbedding(nn.Module):
     dtype = embedding_dtype(self.dtype)
     value = conditioning_to_embedding_input(cond, self.noise_conditioning, dtype)
     if self.embedding_type == "fourier":
-      embedding = fourier_embedding(value, self.embedding_dim, self.fourier_scale, dtype=dtype)
+      # An imported checkpoint's frozen frequencies, when the params hold them (a fresh `init` creates none).
+      frequencies = None
+      if self.has_variable("params", "frequencies"):
+        frequencies = jax.lax.stop_gradient(self.get_variable("params", "frequencies"))
+      embedding = fourier_embedding(value, self.embedding_dim, self.fourier_scale, dtype=dtype,
+                                    frequencies=frequencies)
     else:
       embedding = sinusoidal_embedding(value, self.embedding_dim, dtype=dtype)
     embedding = embedding.astype(self.dtype)
