@@ -24,14 +24,15 @@ Sections (each is read in one place, `scoreflow.config`):
     (0 disables), `schedule` constant/cosine/linear decaying to `final_lr_ratio` at the end.
   training: global `batch_size` (over all devices and hosts), `num_train_steps` (a resumed run may raise it unless
     `optim.schedule` decays over it), `steps_per_call` (steps fused into one compiled call with lax.scan; every
-    interval must be a multiple of it; keep 1 on CPU, where XLA runs convolutions inside a loop body far slower: 15x
-    for the digits U-Net in bench/bench_train.py), EMA `ema_rate` and `ema_warmup`, `nonfinite` ("skip" a step with a
+    interval must be a multiple of it; keep 1 on CPU, where XLA runs convolutions inside a loop body far slower:
+    bench/RESULTS.md), EMA `ema_rate` and `ema_warmup`, `nonfinite` ("skip" a step with a
     non-finite loss, gradient or update, or "halt"), `compute_dtype` (float32, or bfloat16 for mixed precision on
     accelerators; no float16, which would need loss scaling), intervals `log_every`, `checkpoint_every` (periodic
     checkpoints, `keep_checkpoints` kept), `snapshot_every` (preemption snapshot), `sample_every` (sample grids; 0 =
     only at the end).
   sampling: in-training samples: `method` pc (`predictor`, `corrector`, `num_steps`, `snr`,
-    `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`), ddim (`num_steps`, `eta`), edm (Karras et al.'s Heun
+    `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`, `ode_error_control` example|batch), ddim
+    (`num_steps`, `eta`), edm (Karras et al.'s Heun
     sampler: `num_steps`, `rho`, churn `s_churn`, `s_min`, `s_max`, `s_noise`) or dpm_solver (DPM-Solver++:
     `num_steps`, `dpm_order` 1 or 2, `dpm_spacing` log_snr or time); `eps` the last time,
     `num_samples`, `use_ema`.
@@ -91,7 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sampling = ml_collections.ConfigDict(dict(
       method="pc", predictor="euler_maruyama", corrector="none", num_steps=1000, snr=0.16, n_corrector_steps=1,
-      eps=1e-3, denoise=True, ode_method="tsit5", rtol=1e-5, atol=1e-5, eta=0.0, rho=7.0, s_churn=0.0, s_min=0.0,
+      eps=1e-3, denoise=True, ode_method="tsit5", rtol=1e-5, atol=1e-5, ode_error_control="example", eta=0.0,
+      rho=7.0, s_churn=0.0, s_min=0.0,
       s_max=1000.0, s_noise=1.0, dpm_order=2, dpm_spacing="log_snr", num_samples=64, use_ema=True))
 
   config.eval = eval_config()

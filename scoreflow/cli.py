@@ -27,7 +27,7 @@ COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A persis
                                         "directory (speeds up restarts).")
 CPU_DEVICES = flags.DEFINE_string(
     "cpu_devices", "auto", "JAX devices to split a CPU host into, the batch sharded over them: 'auto' (2 on a "
-    "machine with 2 or more cores when the batch splits evenly, else 1; 1.25-1.4x faster training on 2 cores) or "
+    "machine with 2 or more cores when the batch splits evenly, else 1) or "
     "a number. Ignored when XLA_FLAGS sets --xla_force_host_platform_device_count. Accelerators are unaffected.")
 
 # Raised by configuration, checkpoint and data checks with a message that names the problem and the fix, and by

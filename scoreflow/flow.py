@@ -142,9 +142,9 @@ def all_finite(x):
 def node_types(tree):
   """The type of every node of a pytree, as a hashable cache key for the compiled programs below.
 
-  jax 0.10's `PyTreeDef` equality does not tell apart two `register_dataclass` classes with the same number
-  of fields (e.g. `VESDE` and `VPSDE`), so `eqx.filter_jit` would reuse one process's program for the other;
-  passing this key as a static argument keeps them apart.
+  `PyTreeDef` equality need not tell apart two `register_dataclass` classes with the same number of fields
+  (e.g. `VESDE` and `VPSDE`; see shared/ENVIRONMENT.md), so `eqx.filter_jit` could reuse one process's program
+  for the other; passing this key as a static argument keeps them apart.
   """
 
   def walk(treedef):

@@ -23,18 +23,15 @@ the RMS over the coordinates of `x` and the RMS over the probe integrals, so nei
 log-density can hide behind the other. Two modes:
 
 * `per_example=False` (default): one solve over the whole batch with shared steps, whose error norm is the
-  maximum of the per-example norms, so every example meets the tolerance. (An RMS over the whole batch, as in
-  the 2021 code or a bare `diffeqsolve`, needs ~20-40% fewer steps but lets single examples miss it: on the
-  2-D benchmark their worst errors are 2e-2 to 5e-2 nats/dim at rtol = atol = 1e-5, against 2e-4 here.)
+  maximum of the per-example norms, so every example meets the tolerance (`error_control="batch"`: the RMS over
+  the whole batch, as in the 2021 code, fewer steps but single examples may miss the tolerance).
 * `per_example=True`: every example is solved with its own adaptive steps (`vmap` of the solve), so one stiff
   example does not shrink everyone's steps and one failing example does not fail the others. The compiled
   loop still runs until the slowest example is done, evaluating the drift on the whole batch each iteration.
 
-The default is the shared solve because it was as fast or faster on both benchmarks of
-`bench/bench_likelihood.py` (CPU): 1.3x (Dopri5) to 1.8x (Tsit5) faster on 4096 2-D points with an exact
-mixture score, where the vmapped solver's bookkeeping rivals the cheap drift, and equal within noise (0.97x)
-on a 0.75 M-parameter U-Net, where the network dominates. Use `per_example=True` for batches that mix easy
-and stiff examples or may contain failures.
+The default is the shared solve, which was as fast or faster in `bench/bench_likelihood.py` (numbers in
+bench/RESULTS.md). Use `per_example=True` for batches that mix easy and stiff examples or may contain failures.
+The solve itself is the probability-flow core of :mod:`scoreflow.flow`.
 
 Divergences: the exact trace (one Jacobian-vector product per dimension, for low dimensions) or the
 Hutchinson-Skilling estimator :math:`\nabla\cdot\tilde f \approx v^\top (\partial\tilde f/\partial x)\, v` with
@@ -293,9 +290,8 @@ def log_likelihood(key, sde: AbstractSDE, score_fn: ScoreFn, x, *, eps=1e-5, rto
     num_probes: Hutchinson probes per example, averaged; with more than one, `info.logp_stderr` estimates the
       standard error of `logp`.
     solver: `"dopri5"` (default: the Dormand-Prince pair, RK45 of the 2021 code, so NFE compare with the
-      paper's), `"tsit5"` (equal or ~20% more NFE than dopri5 at equal tolerances on the benchmarks, with
-      ~10x smaller worst-case error on the 2-D one), `"dopri8"`, `"bosh3"`, or an adaptive explicit
-      Runge-Kutta solver instance of diffrax.
+      paper's), `"tsit5"`, `"dopri8"`, `"bosh3"`, or an adaptive explicit Runge-Kutta solver instance of diffrax
+      (their measured costs and errors: bench/RESULTS.md).
     max_steps: cap on attempted steps per solve; reaching it is reported as `SolveStatus.MAX_STEPS_REACHED`.
     per_example: give each example its own adaptive steps (`True`) or share steps across the batch (`False`).
     prior_logp_fn: terminal log-density `z [B, *D] -> [B]`; defaults to `sde.prior_logp`.
@@ -382,7 +378,8 @@ def decode(sde: AbstractSDE, score_fn: ScoreFn, z, *, eps=1e-5, rtol=1e-5, atol=
   r"""Maps latents to data, :math:`x = x(\epsilon)`, by solving the probability-flow ODE backward from `T` to `eps`.
 
   The inverse of :func:`encode` up to the solver tolerance; decoding prior samples is ODE sampling: with the same
-  solver, tolerances and `eps`, `decode(z)` equals `ode_sample(..., x_T=z)` (both run :func:`scoreflow.flow.solve_flow`).
+  solver, tolerances and `eps`, `decode(z)` equals `ode_sample(..., x_T=z)` (both run
+  :func:`scoreflow.flow.solve_flow`).
 
   Args:
     sde, score_fn, eps, rtol, atol, solver, max_steps, per_example: as in :func:`log_likelihood`.

@@ -62,7 +62,7 @@ def read_checkpoint(workdir, step=None):
   if step is None:
     _, step = ckpt.latest()
   kind = next(k for k, steps in ckpt.steps().items() if step in steps)
-  manager = ckpt._managers[kind]
+  manager = ckpt.manager(kind)
   metadata = manager.item_metadata(step)["state"]
   metadata = metadata.tree if hasattr(metadata, "tree") else metadata
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -196,8 +196,8 @@ def _random_state_dict(seed=0):
   """A float32 state dict with pytorch-fid's names and PyTorch shapes (no torch needed)."""
   rng = np.random.default_rng(seed)
   state_dict = {}
-  for path, shape in inception_module._variable_shapes().items():
-    name, permutation = inception_module._torch_name(path)
+  for path, shape in inception_module.variable_shapes().items():
+    name, permutation = inception_module.torch_name(path)
     torch_shape = shape if permutation is None else tuple(np.asarray(shape)[np.argsort(permutation)])
     state_dict[name] = rng.standard_normal(torch_shape).astype(np.float32)
   return state_dict

@@ -104,11 +104,11 @@ def test_saving_again_compiles_nothing(tmp_path):
   state = _state(features=24)
   ckpt = ckpt_lib.Checkpointer(tmp_path, async_save=False)
   ckpt.save(1, state)
-  compiled = ckpt_lib._inspect_device._cache_size()
+  compiled = ckpt_lib.inspect_device._cache_size()
   for step in (2, 3):
     ckpt.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), snapshot=step == 3)
   ckpt.close()
-  assert ckpt_lib._inspect_device._cache_size() == compiled
+  assert ckpt_lib.inspect_device._cache_size() == compiled
 
 
 def test_refuses_to_save_nonfinite_state(tmp_path):

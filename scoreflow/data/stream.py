@@ -29,8 +29,8 @@ sequential generator. Hence
 grain runs the stream: a `MapDataset` over batch indices, converted to an iterator with a checkpointable
 position that reads `prefetch_batches` batches ahead, each in its own background thread (`worker_count=0`:
 no processes are forked). Batches are assembled with vectorized NumPy rather than grain's per-example
-transformations, which cost about 0.1 ms per example on this machine (index shuffle and per-example
-statistics) against about 1 us here for in-memory data. A batch of a tfds dataset fetches its records with
+transformations, whose per-example overhead (index shuffle and statistics) is a hundred times the cost of a
+vectorized batch of in-memory data (bench/RESULTS.md). A batch of a tfds dataset fetches its records with
 the data source's batched read (`__getitems__`) and decodes and preprocesses them in `read_threads`
 contiguous chunks at once (PIL releases the GIL while decoding and resizing); the examples keep their order,
 so batches do not depend on the thread counts.

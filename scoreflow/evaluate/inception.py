@@ -329,7 +329,7 @@ def init_fid_inception(seed: int = 0, dtype=np.float32) -> dict:
   """
   rng = np.random.default_rng(seed)
   flat = {}
-  for path, shape in _variable_shapes().items():
+  for path, shape in variable_shapes().items():
     kind = path[-1]
     if kind == "kernel":
       fan_in = int(np.prod(shape[:-1]))
@@ -344,7 +344,7 @@ def init_fid_inception(seed: int = 0, dtype=np.float32) -> dict:
 
 
 @functools.lru_cache(maxsize=1)
-def _variable_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
+def variable_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flattened `{(collection, *path): shape}` of :class:`FIDInceptionV3`'s variables (traced, not run)."""
   module = FIDInceptionV3(resize_input=False)
   dummy = jax.ShapeDtypeStruct((1, INCEPTION_MIN_INPUT_SIZE, INCEPTION_MIN_INPUT_SIZE, 3), jnp.float32)
@@ -364,7 +364,7 @@ _TORCH_NAMES = {
 }
 
 
-def _torch_name(path: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
+def torch_name(path: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
   """`("params", "Mixed_5b", "branch1x1", "conv", "kernel")` -> `("Mixed_5b.branch1x1.conv.weight", perm)`."""
   suffix, permutation = _TORCH_NAMES[path[-2:]]
   return ".".join(path[1:-2] + (suffix,)), permutation
@@ -393,8 +393,8 @@ def fid_inception_from_torch(state_dict: Mapping[str, Any]) -> dict:
   """
   entries = {name: value for name, value in state_dict.items() if not name.endswith("num_batches_tracked")}
   flat, problems = {}, []
-  for path, shape in _variable_shapes().items():
-    name, permutation = _torch_name(path)
+  for path, shape in variable_shapes().items():
+    name, permutation = torch_name(path)
     if name not in entries:
       problems.append(f"missing {name} (shape {shape})")
       continue
@@ -419,7 +419,7 @@ def fid_inception_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray
   """The inverse of :func:`fid_inception_from_torch`: `{PyTorch name: NumPy array}` (no `num_batches_tracked`)."""
   state_dict = {}
   for path, value in traverse_util.flatten_dict(dict(variables)).items():
-    name, permutation = _torch_name(path)
+    name, permutation = torch_name(path)
     value = np.asarray(value)
     state_dict[name] = value if permutation is None else np.transpose(value, _inverse_permutation(permutation))
   return state_dict
@@ -433,8 +433,8 @@ def save_fid_inception(path: str | os.PathLike, variables: Mapping[str, Any]) ->
 def _torch_shapes() -> dict[str, tuple[int, ...]]:
   """`{PyTorch name: PyTorch shape}` of every array of pytorch-fid's state dict (no `num_batches_tracked`)."""
   shapes = {}
-  for path, shape in _variable_shapes().items():
-    name, permutation = _torch_name(path)
+  for path, shape in variable_shapes().items():
+    name, permutation = torch_name(path)
     shapes[name] = shape if permutation is None else tuple(shape[i] for i in _inverse_permutation(permutation))
   return shapes
 

@@ -260,8 +260,9 @@ def inception_reference_paths(cache_dir: str, data: DataSettings, fid: FidSettin
   data_dir = str(data.data_dir or "")
   if data_dir and "://" not in data_dir:
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  source = units.fingerprint({"dataset": data.name, "version": version, "data_dir": data_dir, "split": fid.reference_split,
-                        "image_size": data.image_size or 0, "inception": weights_digest})
+  source = units.fingerprint({"dataset": data.name, "version": version, "data_dir": data_dir,
+                              "split": fid.reference_split, "image_size": data.image_size or 0,
+                              "inception": weights_digest})
   stem = f"{units.safe_name(data.name)}-{units.safe_name(fid.reference_split)}"
   moments = os.path.join(cache_dir, f"inception_moments-{stem}-{num_examples}-{source}.npz")
   kid_size = min(fid.kid_reference_size, num_examples)

@@ -146,9 +146,9 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
   if differences and not settings.allow_config_mismatch:
     raise CheckpointError(
         f"--config differs from the configuration that trained {workdir} ({CONFIG_FILE}) in fields that define "
-        f"what its checkpoints mean:{checkpoints.describe_differences(differences)}\nEvaluate with the run's configuration, "
-        "or pass --config.eval.allow_config_mismatch=True to evaluate its checkpoints as --config describes "
-        "(the results are kept apart from those of the run's own configuration).")
+        f"what its checkpoints mean:{checkpoints.describe_differences(differences)}\nEvaluate with the run's "
+        "configuration, or pass --config.eval.allow_config_mismatch=True to evaluate its checkpoints as --config "
+        "describes (the results are kept apart from those of the run's own configuration).")
   output_dir = settings.output_dir or os.path.join(workdir, "eval")
   cache_dir = settings.cache_dir or os.path.join(output_dir, "cache")
   checkpointer = Checkpointer(workdir, async_save=False)
@@ -163,17 +163,17 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
     results = []
     for name, (old, new) in differences.items():  # Allowed: the model may mean something else.
       units.say(f"warning: config.{name} is {new!r} here but {old!r} in {workdir}/{CONFIG_FILE} "
-           "(eval.allow_config_mismatch=True).")
+                "(eval.allow_config_mismatch=True).")
     for kind, step in chosen:
       started = time.perf_counter()
-      params, kind, step = checkpoints.restore_params(checkpointer, abstract_state, kind, step, settings.use_ema, differences,
-                                           newest_intact=settings.checkpoints == "latest")
+      params, kind, step = checkpoints.restore_params(checkpointer, abstract_state, kind, step, settings.use_ema,
+                                                      differences, newest_intact=settings.checkpoints == "latest")
       source = checkpointer.directory(kind, step)
       params_kind = "ema" if settings.use_ema else "raw"
-      checkpoint_dir = units.task_directory(output_dir, f"step_{step}-{params_kind}",
-                                       {"model": setup, "checkpoint": source, "step": step, "params": params_kind,
-                                        "checkpoint_identity": checkpoints.checkpoint_identity(source)},
-                                       key_fields=("model", "step", "params", "checkpoint_identity"))
+      described = {"model": setup, "checkpoint": source, "step": step, "params": params_kind,
+                   "checkpoint_identity": checkpoints.checkpoint_identity(source)}
+      checkpoint_dir = units.task_directory(output_dir, f"step_{step}-{params_kind}", described,
+                                            key_fields=("model", "step", "params", "checkpoint_identity"))
       record: dict[str, Any] = {"step": step, "checkpoint": source, "params": params_kind,
                                 "directory": checkpoint_dir}
       for task in settings.tasks:
@@ -229,7 +229,7 @@ class _TaskRunners:
     else:
       levels = (("num_levels", None),)
     bpd_fn = bpd_lib.model_bpd_fn(experiment.model, experiment.sampling_sde, experiment.parameterization, levels,
-                           tuple(sorted(bpd.likelihood_kwargs().items())))
+                                  tuple(sorted(bpd.likelihood_kwargs().items())))
     to_values = (lambda batch: stream.scaler.to_levels(batch["x"])) if discrete else (lambda batch: batch["x"])
     batches = bpd_lib.bpd_batches((to_values(batch) for batch in stream), num_examples)
     split_examples = self._batch_sharding(batch_size)
@@ -238,9 +238,9 @@ class _TaskRunners:
     started = time.perf_counter()
     try:
       result = bpd_lib.evaluate_bpd(lambda key, values: bpd_fn(params, key, values), batches, directory,
-                            key=jax.random.fold_in(jax.random.key(self.settings.seed), _BPD_KEY),
-                            num_examples=num_examples, num_repeats=bpd.num_repeats,
-                            progress_bar=self.settings.progress_bar)
+                                    key=jax.random.fold_in(jax.random.key(self.settings.seed), _BPD_KEY),
+                                    num_examples=num_examples, num_repeats=bpd.num_repeats,
+                                    progress_bar=self.settings.progress_bar)
     finally:
       stream.close()
     out = {**result.to_dict(), "split": bpd.split, "divergence": bpd.divergence, "num_probes": bpd.num_probes,
@@ -274,7 +274,7 @@ class _TaskRunners:
 
     started = time.perf_counter()
     result = samples_lib.generate_samples(sample_shard, directory, num_samples=settings.num_samples,
-                              shard_size=settings.shard_size, progress_bar=self.settings.progress_bar)
+                                          shard_size=settings.shard_size, progress_bar=self.settings.progress_bar)
     out = {**result.to_dict(), "sampler": _sampler_description(self.experiment),
            "seconds": time.perf_counter() - started, "compilations": sample_fn._cache_size()}
     if settings.grid_size:
@@ -289,7 +289,7 @@ class _TaskRunners:
   def _load_finite_samples(self, record) -> tuple[np.ndarray, int]:
     """The finite samples of the set, and how many were left out."""
     samples = samples_lib.load_samples(record["samples"]["directory"], self.settings.samples.num_samples,
-                           self.settings.samples.shard_size)
+                                       self.settings.samples.shard_size)
     finite = samples_lib.finite_rows(samples)
     if not finite.any():
       raise samples_lib.no_finite_samples(samples.shape[0], record["samples"]["directory"])
@@ -306,13 +306,13 @@ class _TaskRunners:
     stream.close()
     total = min(fid.reference_num_examples or stream.num_examples, stream.num_examples)
     moments_path, kid_path = reference_lib.inception_reference_paths(self.cache_dir, data, fid, num_examples=total,
-                                                       version=stream.version, weights_digest=digest)
+                                                                     version=stream.version, weights_digest=digest)
     if not (os.path.isfile(moments_path) and (kid_path is None or os.path.isfile(kid_path))):
       variables = variables or inception.load_fid_inception(fid.inception_path)
     images = reference_lib.reference_images(data, fid.reference_split, batch_size)
-    reference = reference_lib.inception_reference(variables, images, moments_path, num_examples=total, kid_path=kid_path,
-                                    kid_reference_size=fid.kid_reference_size, batch_size=batch_size,
-                                    progress_bar=self.settings.progress_bar)
+    reference = reference_lib.inception_reference(variables, images, moments_path, num_examples=total,
+                                                  kid_path=kid_path, kid_reference_size=fid.kid_reference_size,
+                                                  batch_size=batch_size, progress_bar=self.settings.progress_bar)
     return variables, digest, reference, moments_path, kid_path
 
   def fid(self, params, checkpoint_dir, record):
@@ -333,19 +333,19 @@ class _TaskRunners:
     pool, logits, nonfinite = reference_lib.inception_sample_outputs(
         variables, directory, digest, samples.num_samples, samples.shard_size, self.scaler.to_uint8,
         batch_size=self.settings.batch_size, progress_bar=self.settings.progress_bar)
-    out = {**reference_lib.inception_metrics(pool, logits, reference, self.settings.fid), "num_nonfinite_samples": nonfinite,
-           "reference": path, "kid_reference": kid_path, "reference_num_examples": reference.num_examples,
-           "seconds": time.perf_counter() - started}
+    out = {**reference_lib.inception_metrics(pool, logits, reference, self.settings.fid),
+           "num_nonfinite_samples": nonfinite, "reference": path, "kid_reference": kid_path,
+           "reference_num_examples": reference.num_examples, "seconds": time.perf_counter() - started}
     io.write_json(result_path, out)
     return out
 
   # --- digits metric ---
   def digits_reference(self):
     digits, data = self.settings.digits, self.experiment.data
-    classifier, classifier_path = reference_lib.digits_classifier(self.cache_dir, data_dir=data.data_dir,
-                                                    seed=digits.classifier_seed, num_steps=digits.classifier_steps)
+    classifier, classifier_path = reference_lib.digits_classifier(
+        self.cache_dir, data_dir=data.data_dir, seed=digits.classifier_seed, num_steps=digits.classifier_steps)
     reference, path = reference_lib.digits_reference(classifier, classifier_path, data_dir=data.data_dir,
-                                       split=digits.reference_split)
+                                                     split=digits.reference_split)
     return classifier, classifier_path, reference, path
 
   def digits(self, params, checkpoint_dir, record):
@@ -397,7 +397,7 @@ def compute_reference_statistics(config, workdir: str | os.PathLike, *, experime
       paths["inception_kid_reference"] = kid_path
   if not paths:
     raise ConfigError(f"config.eval.tasks={','.join(settings.tasks)!r} needs no reference statistics; "
-                               "add 'fid', 'digits' or 'quality'.")
+                      "add 'fid', 'digits' or 'quality'.")
   for name, path in paths.items():
     units.say(f"{name}: {path}")
   return paths

@@ -31,6 +31,27 @@ class SampleInfo(NamedTuple):
   status: jax.Array  # [] int32: 0 success; 1 max_steps reached; 2 minimum step size reached; 3 other failure.
 
 
+class Start(NamedTuple):
+  """A sampler's checked arguments and its initial state (see :func:`start`)."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  score_fn: ScoreFn  # The model, its output cast to the dtype of x.
+  x: jax.Array  # [B, *D]: x_T, or a draw from the prior.
+
+
+def start(owner: str, key, sde: AbstractSDE, score_fn: ScoreFn, shape, dtype, eps, x_T,
+          num_steps: int | None = None) -> Start:
+  """What every sampler does first: checks `shape`, `dtype`, `num_steps` (when the sampler has one) and `eps`,
+  casts the score to the samples' dtype and takes the initial state (`x_T`, checked, or a prior draw from `key`)."""
+  shape = check_shape(owner, shape)
+  dtype = check_dtype(owner, dtype)
+  if num_steps is not None:
+    check_num_steps(owner, num_steps)
+  check_eps(owner, sde, eps)
+  return Start(shape, dtype, in_dtype_of_x(score_fn), initial_state(key, sde, shape, dtype, x_T, owner))
+
+
 def fixed_step_info(nfe: int, num_steps: int) -> SampleInfo:
   """The info record of a fixed-step sampler."""
   return SampleInfo(nfe=jnp.asarray(nfe, jnp.int32), num_steps=jnp.asarray(num_steps, jnp.int32),

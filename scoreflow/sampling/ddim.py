@@ -81,15 +81,10 @@ def ddim_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, num_steps: i
     ((8, 2), 20)
   """
   owner = "ddim_sample"
-  shape = _common.check_shape(owner, shape)
-  dtype = _common.check_dtype(owner, dtype)
-  score_fn = _common.in_dtype_of_x(score_fn)
-  _common.check_num_steps(owner, num_steps)
-  _common.check_range(owner, "eta", eta, low=0, high=1)
-  _common.check_eps(owner, sde, eps)
-  times = _common.time_grid(sde, num_steps, eps, spacing, dtype)
   key_init, key_steps = jax.random.split(key)
-  x = _common.initial_state(key_init, sde, shape, dtype, x_T, owner)
+  shape, dtype, score_fn, x = _common.start(owner, key_init, sde, score_fn, shape, dtype, eps, x_T, num_steps)
+  _common.check_range(owner, "eta", eta, low=0, high=1)
+  times = _common.time_grid(sde, num_steps, eps, spacing, dtype)
   eta = jnp.asarray(eta, dtype)
 
   def step(x, inputs):

@@ -74,15 +74,10 @@ def dpm_solver_pp_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, num
     ((8, 2), 15)
   """
   owner = "dpm_solver_pp_sample"
-  shape = _common.check_shape(owner, shape)
-  dtype = _common.check_dtype(owner, dtype)
-  score_fn = _common.in_dtype_of_x(score_fn)
-  _common.check_num_steps(owner, num_steps)
+  shape, dtype, score_fn, x = _common.start(owner, key, sde, score_fn, shape, dtype, eps, x_T, num_steps)
   if order not in (1, 2):
     raise ValueError(f"{owner}: order must be 1 or 2 (the multistep 2M solver), got {order!r}.")
-  _common.check_eps(owner, sde, eps)
   times = _common.time_grid(sde, num_steps, eps, spacing, dtype)
-  x = _common.initial_state(key, sde, shape, dtype, x_T, owner)
 
   def data_prediction(x, t):
     return score_to_x0(sde, score_fn(x, t), x, t)

@@ -85,14 +85,10 @@ def ode_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *, method: OdeMe
     ((8, 2), 0)
   """
   owner = "ode_sample"
-  shape = _common.check_shape(owner, shape)
-  dtype = _common.check_dtype(owner, dtype)
-  score_fn = _common.in_dtype_of_x(score_fn)
-  _common.check_eps(owner, sde, eps)
+  shape, dtype, score_fn, x = _common.start(owner, key, sde, score_fn, shape, dtype, eps, x_T)
   if method not in _ADAPTIVE_METHODS and method not in _FIXED_NFE_PER_STEP:
     raise ValueError(f"{owner}: unknown method {method!r}; choose one of "
                      f"{sorted(_ADAPTIVE_METHODS) + sorted(_FIXED_NFE_PER_STEP)}.")
-  x = _common.initial_state(key, sde, shape, dtype, x_T, owner)
 
   if method in _ADAPTIVE_METHODS:
     _common.check_num_steps(owner, max_steps, name="max_steps")

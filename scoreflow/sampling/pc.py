@@ -81,19 +81,13 @@ def pc_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *,
     ((8, 2), 201)
   """
   owner = "pc_sample"
-  shape = _common.check_shape(owner, shape)
-  dtype = _common.check_dtype(owner, dtype)
-  score_fn = _common.in_dtype_of_x(score_fn)
-  _common.check_num_steps(owner, num_steps)
+  key_init, key_steps = jax.random.split(key)
+  shape, dtype, score_fn, x = _common.start(owner, key_init, sde, score_fn, shape, dtype, eps, x_T, num_steps)
   _common.check_num_steps(owner, n_corrector_steps, minimum=0, name="n_corrector_steps")
   _common.check_range(owner, "snr", snr, low=0, low_open=True)
-  _common.check_eps(owner, sde, eps)
   predictor = _common.choose(owner, "predictor", predictor, PREDICTORS)
   corrector = _common.choose(owner, "corrector", corrector, CORRECTORS)
   times = _common.time_grid(sde, num_steps, eps, "uniform", dtype)
-
-  key_init, key_steps = jax.random.split(key)
-  x = _common.initial_state(key_init, sde, shape, dtype, x_T, owner)
   run_predictor = predictor.update is not none_predictor
   run_corrector = corrector.update is not none_corrector and n_corrector_steps > 0
 

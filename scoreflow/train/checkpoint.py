@@ -166,7 +166,7 @@ def _digest_words(words, seed: int):
 
 
 @jax.jit
-def _inspect_device(leaves):
+def inspect_device(leaves):
   """`(all inexact leaves finite [n], digests [n, 2] uint32)` of a list of arrays: one program per layout."""
   finite = jnp.stack([jnp.all(jnp.isfinite(leaf)) if jnp.issubdtype(leaf.dtype, jnp.inexact) else jnp.bool_(True)
                       for leaf in leaves])
@@ -185,7 +185,7 @@ def inspect_state(tree) -> tuple[list[str], dict[str, str]]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   if not leaves:
     return [], {}
-  finite, digests = _inspect_device([leaf for _, leaf in leaves])
+  finite, digests = inspect_device([leaf for _, leaf in leaves])
   finite, digests = _host(finite), _host(digests)
   names = [_path_names(path) for path, _ in leaves]
   return ([name for name, ok in zip(names, finite) if not ok],
@@ -322,6 +322,11 @@ class Checkpointer:
 
   def directory(self, kind: str, step: int) -> str:
     return os.path.join(self.workdir, kind, str(step))
+
+  def manager(self, kind: str) -> ocp.CheckpointManager:
+    """The Orbax `CheckpointManager` of `kind` (`"checkpoints"` or `"snapshot"`), for reading a checkpoint's
+    items directly (e.g. onto another device topology)."""
+    return self._managers[kind]
 
   def steps(self) -> dict[str, list[int]]:
     """The complete checkpoints on disk, by kind."""

@@ -356,8 +356,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
   if is_main:
     records = [r for r in _read_metrics(writer.path) if r.get("loss") is not None]
     if records:
-      visualize.save_png(visualize.loss_curve_image([r["step"] for r in records], [r["loss"] for r in records]),
-                         os.path.join(workdir, "loss.png"))
+      visualize.save_loss_curve(os.path.join(workdir, "loss.png"), [r["step"] for r in records],
+                                [r["loss"] for r in records])
       summary["loss_curve"] = os.path.join(workdir, "loss.png")
     io.write_json(os.path.join(workdir, "summary.json"), summary)
     say(_format_summary(summary))

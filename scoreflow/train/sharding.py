@@ -8,9 +8,8 @@ global array with `jax.make_array_from_process_local_data`).
 Several processes (hosts) join through :func:`initialize_distributed`, which must run before any other JAX call.
 
 On a CPU host, :func:`configure_cpu_devices` (also before any other JAX call) splits the host into several JAX
-devices, so that the batch is sharded over them as over accelerators: on 2 cores the digits DDPM++ step ran
-1.25-1.42x faster on 2 CPU devices than on one, whose convolutions kept only 1-1.5 of the cores busy (see
-bench/RESULTS.md).
+devices, so that the batch is sharded over them as over accelerators: XLA's CPU convolutions do not keep all
+cores busy on their own, and two devices did on 2 cores (measured in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -80,8 +79,8 @@ def cpu_device_count(requested: str | int, *, batch_sizes=(), num_processes: int
 
   Args:
     requested: a positive int, or `"auto"`: 2 on a machine with at least 2 cores when every batch in
-      `batch_sizes` splits evenly over `2 * num_processes` devices, else 1. (More devices than 2 did not pay on
-      2 cores: 4 devices ran the digits step 8% slower than 2.)
+      `batch_sizes` splits evenly over `2 * num_processes` devices, else 1 (more than 2 did not pay on 2 cores:
+      bench/RESULTS.md).
     batch_sizes: global batch sizes the devices must divide (e.g. the training batch).
     num_processes: processes of the run; each exposes the returned number of devices.
     cores: the machine's cores (default: `os.cpu_count()`).

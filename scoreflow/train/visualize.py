@@ -1,4 +1,5 @@
-"""Pictures of a training run with pillow alone: sample grids, 2-D scatter plots and the loss curve."""
+"""Pictures of a training run: sample grids and 2-D scatter plots drawn with Pillow, and the loss curve plotted with
+matplotlib (labelled axes and ticks)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+
+from scoreflow import io
 
 
 def image_grid(images: np.ndarray, *, columns: int | None = None, padding: int | None = None,
@@ -73,29 +76,32 @@ def sample_picture(samples: np.ndarray, scaler=None) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-  PIL.Image.fromarray(np.asarray(array)).save(os.fspath(path))
+  """Writes a uint8 image (a grid or scatter plot) as PNG, atomically."""
+  io.write_png(path, array)
 
 
-def loss_curve_image(steps, losses, *, width: int = 640, height: int = 400, log_scale: bool = True) -> np.ndarray:
-  """A line plot of `losses` against `steps` (log-scaled loss axis by default), with min/max labels."""
+def loss_curve_figure(steps, losses, *, log_scale: bool = True):
+  """A matplotlib figure (Agg, no display needed) of the training loss against the step: labelled axes with
+  ticks, a log-scaled loss axis by default, the step axis from 0. Non-finite losses (and non-positive ones on a
+  log axis) are left out."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top (Figure needs no pyplot or display)
+
   steps, losses = np.asarray(steps, np.float64), np.asarray(losses, np.float64)
   keep = np.isfinite(losses) & (losses > 0 if log_scale else True)
-  steps, losses = steps[keep], losses[keep]
-  image = PIL.Image.new("RGB", (width, height), "white")
-  draw = PIL.ImageDraw.Draw(image)
-  left, right, top, bottom = 70, width - 20, 20, height - 40
-  draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-  if steps.size >= 2:
-    values = np.log10(losses) if log_scale else losses
-    lo, hi = float(values.min()), float(values.max())
-    hi = hi if hi > lo else lo + 1
-    x = left + (steps - steps.min()) / max(steps.max() - steps.min(), 1) * (right - left)
-    y = bottom - (values - lo) / (hi - lo) * (bottom - top)
-    draw.line(list(zip(x.tolist(), y.tolist())), fill=(31, 119, 180), width=2)
-    label = (lambda v: f"{10 ** v:.3g}") if log_scale else (lambda v: f"{v:.3g}")
-    draw.text((5, top), label(hi), fill=(0, 0, 0))
-    draw.text((5, bottom - 10), label(lo), fill=(0, 0, 0))
-    draw.text((left, bottom + 5), f"step {int(steps.min())}", fill=(0, 0, 0))
-    draw.text((right - 90, bottom + 5), f"step {int(steps.max())}", fill=(0, 0, 0))
-  draw.text((left + 5, top + 5), "training loss" + (" (log scale)" if log_scale else ""), fill=(0, 0, 0))
-  return np.asarray(image)
+  figure = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+  axes = figure.add_subplot()
+  axes.plot(steps[keep], losses[keep], color="tab:blue", linewidth=1.2)
+  if log_scale:
+    axes.set_yscale("log")
+  axes.set_xlim(left=0)
+  axes.set_xlabel("training step")
+  axes.set_ylabel("loss" + (" (log scale)" if log_scale else ""))
+  axes.set_title("Training loss")
+  axes.grid(True, which="both", alpha=0.3)
+  return figure
+
+
+def save_loss_curve(path: str | os.PathLike, steps, losses, *, log_scale: bool = True) -> None:
+  """Writes :func:`loss_curve_figure` as a PNG, atomically."""
+  figure = loss_curve_figure(steps, losses, log_scale=log_scale)
+  io.atomic_write(path, lambda file: figure.savefig(file, format="png"))
