@@ -20,23 +20,20 @@ The mapping is not a zip of two flat lists: :func:`_layout` replays the network'
 `NCSNpp.__init__` and :meth:`UNet.__call__`) and yields one record per layer with its three names. The PyTorch
 network keeps its layers in one `nn.ModuleList` `all_modules`, numbered in construction order (every layer takes a
 number, also those without parameters such as a `Downsample` without convolution); Flax (ours and the JAX reference)
-names a layer by its class and a per-class counter inside its parent. In order:
+names a layer by its class and a per-class counter inside its parent. In order, PyTorch `all_modules.i` ->
+score_sde (Flax, top level) -> scoreflow:
 
-====================================  ===============================  ========================================
-score_sde_pytorch (`all_modules.i`)   score_sde (Flax, top level)      scoreflow (:class:`UNet`)
-====================================  ===============================  ========================================
-`GaussianFourierProjection` `.W`      `GaussianFourierProjection_0/W`  `NoiseEmbedding_0/frequencies` (optional)
-`nn.Linear` (x2)                      `Dense_0`, `Dense_1`             `NoiseEmbedding_0/Dense_0`, `Dense_1`
-`conv3x3` (input)                     `Conv_0`                         `Conv_0`
-`ResnetBlockBigGANpp`                 `ResnetBlockBigGANpp_k`          `ResnetBlockBigGAN_k`
-`ResnetBlockDDPMpp` / `ResnetBlockDDPM`  `ResnetBlockDDPMpp_k` / `ResnetBlockDDPM_k`  `ResnetBlockDDPM_k`
-`AttnBlockpp` / `AttnBlock`           `AttnBlockpp_k` / `AttnBlock_k`  `AttnBlock_k`
-`Downsample`, `Upsample`              `Downsample_k`, `Upsample_k`     `Downsample_k`, `Upsample_k`
-`Combine`                             `Combine_k`                      `Combine_k`
-`nn.GroupNorm`, `conv3x3` (outputs)   `GroupNorm_k`, `Conv_k`          `GroupNorm_k`, `Conv_k`
-====================================  ===============================  ========================================
+* `GaussianFourierProjection` (`.W`) -> score_sde `GaussianFourierProjection_0/W` -> ours
+  `NoiseEmbedding_0/frequencies` (optional, see below);
+* the two `nn.Linear` of the embedding -> `Dense_0`, `Dense_1` -> `NoiseEmbedding_0/Dense_0`, `Dense_1`;
+* the input `conv3x3` -> `Conv_0` -> `Conv_0`;
+* `ResnetBlockBigGANpp` -> `ResnetBlockBigGANpp_k` -> `ResnetBlockBigGAN_k`;
+* `ResnetBlockDDPMpp` (`ResnetBlockDDPM`) -> `ResnetBlockDDPMpp_k` (`ResnetBlockDDPM_k`) -> `ResnetBlockDDPM_k`;
+* `AttnBlockpp` (`AttnBlock`) -> `AttnBlockpp_k` (`AttnBlock_k`) -> `AttnBlock_k`;
+* `Downsample`, `Upsample`, `Combine` -> `Downsample_k`, `Upsample_k`, `Combine_k` -> the same;
+* the output (and progressive output) `nn.GroupNorm`, `conv3x3` -> `GroupNorm_k`, `Conv_k` -> the same
 
-(the second name of a pair: the DDPM network of `models/ddpm.py`). Inside a block the sub-layers keep their names
+(in parentheses: the DDPM network of `models/ddpm.py`). Inside a block the sub-layers keep their names
 (`GroupNorm_0`, `Conv_0`, `Dense_0`, `GroupNorm_1`, `Conv_1`, `Conv_2`) except the 1x1 "NIN" layers of the
 references, which are `Dense` layers here: a residual block's `NIN_0` is our `Dense_1` (`Dense_0` is the
 embedding projection) and an attention block's `NIN_0..3` are our `Dense_0..3`; the FIR-fused convolution
