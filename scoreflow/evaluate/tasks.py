@@ -1,0 +1,212 @@
+"""The evaluation tasks: one method of :class:`TaskRunners` per task of `config.eval.tasks`, each calling the
+module of its idea (:mod:`~scoreflow.evaluate.bpd`, :mod:`~scoreflow.evaluate.samples`,
+:mod:`~scoreflow.evaluate.reference`) and returning a JSON-ready dict; :mod:`~scoreflow.evaluate.run` calls them
+for every checkpoint. A new task is a new method here (and its settings in :mod:`scoreflow.config.evaluation`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from scoreflow import io
+from scoreflow.config.evaluation import EvalSettings
+from scoreflow.config.experiment import Experiment
+from scoreflow.evaluate import bpd as bpd_lib
+from scoreflow.evaluate import digits_metric, inception, units
+from scoreflow.evaluate import reference as reference_lib
+from scoreflow.evaluate import samples as samples_lib
+from scoreflow.train import sharding
+
+BPD_KEY, SAMPLES_KEY = 0, 1  # fold_in tags: independent streams for the two random tasks.
+
+
+def sampler_description(experiment: Experiment) -> dict[str, Any]:
+  """The sampler as results record it: its method and options."""
+  return {"method": experiment.sampler.method, "options": dict(experiment.sampler.kwargs)}
+
+
+class TaskRunners:
+  """One method per task: `task(params, checkpoint_dir, record) -> results dict`; compiled functions are built
+  once and reused for every checkpoint. `scaler` is the training stream's (:func:`model_space`): it decodes
+  samples."""
+
+  def __init__(self, experiment, settings: EvalSettings, element_shape, scaler, cache_dir, mesh=None):
+    self.experiment, self.settings = experiment, settings
+    self.element_shape, self.scaler, self.cache_dir = element_shape, scaler, cache_dir
+    self.mesh = mesh
+    self._sample_fn = None
+
+  def _batch_sharding(self, batch_size: int):
+    """Examples split over the devices when they divide the batch (else None: replicated computation)."""
+    if self.mesh is None or self.mesh.devices.size == 1 or batch_size % self.mesh.devices.size:
+      return None
+    return sharding.batch_sharding(self.mesh)
+
+  # --- bits/dim ---
+  def bpd(self, params, checkpoint_dir, record):
+    experiment, bpd = self.experiment, self.settings.bpd
+    data = experiment.data
+    batch_size = self.settings.batch_size
+    stream = reference_lib.eval_stream(data, bpd.split, batch_size, seed=self.settings.seed)
+    discrete = stream.scaler is not None
+    num_examples = bpd.num_examples
+    if discrete:
+      num_examples = min(num_examples or stream.num_examples, stream.num_examples)
+    described = {"dataset": data.name, "split": bpd.split, "num_examples": num_examples,
+                 "batch_size": batch_size, "seed": self.settings.seed, "num_repeats": bpd.num_repeats,
+                 "image_size": data.image_size, "scaler": data.scaler, **bpd.likelihood_kwargs()}
+    directory = units.task_directory(checkpoint_dir, f"bpd-{units.safe_name(bpd.split)}", described)
+    if discrete:
+      # The real data's integer levels (the stream's levels scaler), dequantized here by the bpd convention.
+      unit = stream.scaler.as_dequantized()
+      levels = (("num_levels", unit.num_levels), ("scale", float(unit.unit_cube_scale)), ("shift", float(unit.shift)))
+    else:
+      levels = (("num_levels", None),)
+    bpd_fn = bpd_lib.model_bpd_fn(experiment.model, experiment.sampling_sde, experiment.parameterization, levels,
+                                  tuple(sorted(bpd.likelihood_kwargs().items())))
+    to_values = (lambda batch: stream.scaler.to_levels(batch["x"])) if discrete else (lambda batch: batch["x"])
+    batches = bpd_lib.bpd_batches((to_values(batch) for batch in stream), num_examples)
+    split_examples = self._batch_sharding(batch_size)
+    if split_examples is not None:
+      batches = ((index, jax.device_put(values, split_examples), num_valid) for index, values, num_valid in batches)
+    started = time.perf_counter()
+    try:
+      result = bpd_lib.evaluate_bpd(lambda key, values: bpd_fn(params, key, values), batches, directory,
+                                    key=jax.random.fold_in(jax.random.key(self.settings.seed), BPD_KEY),
+                                    num_examples=num_examples, num_repeats=bpd.num_repeats,
+                                    progress_bar=self.settings.progress_bar)
+    finally:
+      stream.close()
+    out = {**result.to_dict(), "split": bpd.split, "divergence": bpd.divergence, "num_probes": bpd.num_probes,
+           "rtol": bpd.rtol, "atol": bpd.atol, "eps": bpd.eps, "dequantized": discrete,
+           "seconds": time.perf_counter() - started, "compilations": bpd_fn._cache_size()}
+    io.write_json(os.path.join(directory, "results.json"), out)
+    return out
+
+  # --- samples ---
+  def _sample_directory(self, checkpoint_dir):
+    sampler = sampler_description(self.experiment)
+    described = {"sampler": sampler, "shard_size": self.settings.samples.shard_size, "seed": self.settings.seed,
+                 "element_shape": list(self.element_shape)}
+    return units.task_directory(checkpoint_dir, f"samples-{sampler['method']}", described)
+
+  def samples(self, params, checkpoint_dir, record):
+    settings = self.settings.samples
+    directory = self._sample_directory(checkpoint_dir)
+    if self._sample_fn is None:
+      sample = self.experiment.make_sample_fn()
+      shape = (settings.shard_size, *self.element_shape)
+      split_examples = self._batch_sharding(settings.shard_size)
+      self._sample_fn = jax.jit(lambda key, params: sample(key, params, shape),
+                                out_shardings=None if split_examples is None else (split_examples, None))
+    sample_fn = self._sample_fn
+    key = jax.random.fold_in(jax.random.key(self.settings.seed), SAMPLES_KEY)
+
+    def sample_shard(index):
+      x, info = sample_fn(jax.random.fold_in(key, index), params)
+      return np.asarray(x), {name: np.asarray(value) for name, value in info._asdict().items()}
+
+    started = time.perf_counter()
+    result = samples_lib.generate_samples(sample_shard, directory, num_samples=settings.num_samples,
+                                          shard_size=settings.shard_size, progress_bar=self.settings.progress_bar)
+    out = {**result.to_dict(), "sampler": sampler_description(self.experiment),
+           "seconds": time.perf_counter() - started, "compilations": sample_fn._cache_size()}
+    if settings.grid_size:
+      from scoreflow.train import visualize  # pylint: disable=g-import-not-at-top
+
+      grid = samples_lib.load_samples(directory, min(settings.grid_size, settings.num_samples), settings.shard_size)
+      out["grid"] = os.path.join(directory, "grid.png")
+      io.write_png(out["grid"], visualize.sample_picture(grid, self.scaler))
+    io.write_json(os.path.join(directory, "results.json"), out)
+    return out
+
+  def _load_finite_samples(self, record) -> tuple[np.ndarray, int]:
+    """The finite samples of the set, and how many were left out."""
+    samples = samples_lib.load_samples(record["samples"]["directory"], self.settings.samples.num_samples,
+                                       self.settings.samples.shard_size)
+    finite = samples_lib.finite_rows(samples)
+    if not finite.any():
+      raise samples_lib.no_finite_samples(samples.shape[0], record["samples"]["directory"])
+    return samples[finite], int(samples.shape[0] - finite.sum())
+
+  # --- FID / IS / KID ---
+  def fid_reference(self, variables=None):
+    """`(variables, weights digest, reference statistics, moments path, KID path)`, computing and caching the
+    statistics (resumably) where the cache lacks them."""
+    fid, data = self.settings.fid, self.experiment.data
+    digest = reference_lib.weights_digest(fid.inception_path)
+    batch_size = self.settings.batch_size
+    stream = reference_lib.eval_stream(data, fid.reference_split, batch_size)
+    stream.close()
+    total = min(fid.reference_num_examples or stream.num_examples, stream.num_examples)
+    moments_path, kid_path = reference_lib.inception_reference_paths(self.cache_dir, data, fid, num_examples=total,
+                                                                     version=stream.version, weights_digest=digest)
+    if not (os.path.isfile(moments_path) and (kid_path is None or os.path.isfile(kid_path))):
+      variables = variables or inception.load_fid_inception(fid.inception_path)
+    images = reference_lib.reference_images(data, fid.reference_split, batch_size)
+    reference = reference_lib.inception_reference(variables, images, moments_path, num_examples=total,
+                                                  kid_path=kid_path, kid_reference_size=fid.kid_reference_size,
+                                                  batch_size=batch_size, progress_bar=self.settings.progress_bar)
+    return variables, digest, reference, moments_path, kid_path
+
+  def fid(self, params, checkpoint_dir, record):
+    started = time.perf_counter()
+    variables, digest, reference, path, kid_path = self.fid_reference()
+    samples = self.settings.samples
+    directory = record["samples"]["directory"]
+    # The metrics of these samples against this reference: computed once (the 2048-d Fréchet distance alone
+    # takes seconds to minutes on a CPU), then read back.
+    result_path = os.path.join(directory, "fid-" + units.fingerprint(
+        {"reference": os.path.basename(path), "kid_reference": os.path.basename(kid_path or ""),
+         "num_samples": samples.num_samples, **dataclasses.asdict(self.settings.fid),
+         "inception_path": digest}) + ".json")
+    if os.path.isfile(result_path):
+      with open(result_path) as file:
+        return {**json.load(file), "reused": True}
+    variables = variables or inception.load_fid_inception(self.settings.fid.inception_path)
+    pool, logits, nonfinite = reference_lib.inception_sample_outputs(
+        variables, directory, digest, samples.num_samples, samples.shard_size, self.scaler.to_uint8,
+        batch_size=self.settings.batch_size, progress_bar=self.settings.progress_bar)
+    out = {**reference_lib.inception_metrics(pool, logits, reference, self.settings.fid),
+           "num_nonfinite_samples": nonfinite, "reference": path, "kid_reference": kid_path,
+           "reference_num_examples": reference.num_examples, "seconds": time.perf_counter() - started}
+    io.write_json(result_path, out)
+    return out
+
+  # --- digits metric ---
+  def digits_reference(self):
+    digits, data = self.settings.digits, self.experiment.data
+    classifier, classifier_path = reference_lib.digits_classifier(
+        self.cache_dir, data_dir=data.data_dir, seed=digits.classifier_seed, num_steps=digits.classifier_steps)
+    reference, path = reference_lib.digits_reference(classifier, classifier_path, data_dir=data.data_dir,
+                                                     split=digits.reference_split)
+    return classifier, classifier_path, reference, path
+
+  def digits(self, params, checkpoint_dir, record):
+    started = time.perf_counter()
+    classifier, classifier_path, reference, path = self.digits_reference()
+    samples, nonfinite = self._load_finite_samples(record)
+    # Samples are rounded to levels by the training scaler (`to_levels`), as real digits are levels.
+    quality = digits_metric.evaluate_digits_samples(classifier, samples, reference, scaler=self.scaler)
+    out = {**quality._asdict(), "num_nonfinite_samples": nonfinite, "classifier": classifier_path,
+           "classifier_test_accuracy": classifier.test_accuracy, "reference": path}
+    # The same metric on real held-out digits, to read the numbers against. The Fréchet distance of a finite set
+    # is biased upwards by about tr(Sigma)/N, so the samples are also scored at the real set's size.
+    real_split = "test" if self.settings.digits.reference_split != "test" else "train"
+    images, _ = digits_metric.load_digits_split(real_split, data_dir=self.experiment.data.data_dir)
+    real = digits_metric.evaluate_digits_samples(classifier, images, reference)
+    out["real_data"] = {"split": real_split, **real._asdict()}
+    matched = min(samples.shape[0], images.shape[0])
+    out["fd_matched"] = (quality.fd if matched == samples.shape[0] else digits_metric.evaluate_digits_samples(
+        classifier, samples[:matched], reference, scaler=self.scaler).fd)
+    out["fd_matched_num_examples"] = matched
+    out["seconds"] = time.perf_counter() - started
+    io.write_json(os.path.join(record["samples"]["directory"], "digits.json"), out)
+    return out
