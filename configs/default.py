@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
       scaler="centred", read_threads=1, prefetch_batches=2))
 
   config.sde = ml_collections.ConfigDict(dict(
-      name="vp", beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0, num_scales=1000,
+      name="vp", beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0, ve_kernel="exact", num_scales=1000,
       cosine_s=0.008, cosine_T=0.9946))
 
   config.model = model_config("ddpmpp_cifar10")

@@ -386,21 +386,29 @@ class VESDE(AbstractSDE):
       dx = \sigma_{\rm sched}(t)\sqrt{2\log(\sigma_{\max}/\sigma_{\min})}\,dw,
 
   so the perturbation kernel is exact as :math:`N(x_0, [\sigma_{\rm sched}(t)^2 - \sigma_{\min}^2] I)`
-  (the paper's Eq. 29). The 2021 reference code uses :math:`\sigma_{\rm sched}(t)` itself as the kernel's
-  standard deviation, i.e. it treats the data as already perturbed at :math:`\sigma_{\min}`; the SMLD
-  ladder (:class:`SMLDChain`) follows that convention. Prior :math:`N(0, \sigma_{\max}^2 I)`, `T = 1`.
+  (the paper's Eq. 29): `kernel="exact"`, the default. The 2021 reference code uses :math:`\sigma_{\rm sched}(t)`
+  itself as the kernel's standard deviation, i.e. it treats the data as already perturbed at
+  :math:`\sigma_{\min}`: `kernel="reference"` reproduces it, so that the published VE checkpoints are trained on,
+  sampled and evaluated as in the paper (the SMLD ladder, :class:`SMLDChain`, follows that convention too). The
+  two share the drift, the diffusion :math:`g` and every transition :math:`x_s \to x_t` (their variances differ by
+  the same :math:`\sigma_{\min}^2` at both ends); only the marginals near `t = 0` differ. Prior
+  :math:`N(0, \sigma_{\max}^2 I)`, `T = 1`.
 
   Raises:
-    ValueError: unless `0 < sigma_min < sigma_max`.
+    ValueError: unless `0 < sigma_min < sigma_max` and `kernel` is `"exact"` or `"reference"`.
   """
 
   sigma_min: float = 0.01
   sigma_max: float = 50.0
+  kernel: str = static_field(default="exact")
 
   def __post_init__(self):
     check_hyperparameters("VESDE", "0 < sigma_min < sigma_max",
                           lambda sigma_min, sigma_max: (sigma_min > 0) & (sigma_max > sigma_min),
                           sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+    if self.kernel not in ("exact", "reference"):
+      raise ValueError(f"VESDE: kernel must be 'exact' (the SDE's own marginals, Eq. 29) or 'reference' (the 2021 "
+                       f"code's sigma_min (sigma_max / sigma_min)^t), got {self.kernel!r}.")
 
   @property
   def T(self):
@@ -421,6 +429,8 @@ class VESDE(AbstractSDE):
     return jnp.zeros_like(as_float_time(t))
 
   def sigma(self, t):
+    if self.kernel == "reference":
+      return self.sigma_schedule(t)
     return self.sigma_min * jnp.sqrt(jnp.expm1(2 * as_float_time(t) * self._log_ratio()))
 
   def f(self, t):
@@ -430,6 +440,8 @@ class VESDE(AbstractSDE):
     return self.sigma_schedule(t) ** 2 * (2 * self._log_ratio())
 
   def t_from_log_snr(self, log_snr):
+    if self.kernel == "reference":  # sigma(t)^2 = sigma_min^2 r^{2t} = e^{-lambda}.
+      return (-0.5 * as_float_time(log_snr) - jnp.log(self.sigma_min)) / self._log_ratio()
     # sigma(t)^2 = sigma_min^2 (r^{2t} - 1) = e^{-lambda}.
     return jnp.log1p(jnp.exp(-as_float_time(log_snr)) / self.sigma_min**2) / (2 * self._log_ratio())
 

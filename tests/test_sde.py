@@ -13,6 +13,8 @@ CONTINUOUS_SDES = {
     "vp": sf.VPSDE(beta_min=0.1, beta_max=20.0),
     "subvp": sf.SubVPSDE(beta_min=0.1, beta_max=20.0),
     "ve": sf.VESDE(sigma_min=0.01, sigma_max=50.0),
+    # The 2021 code's VE kernel: the same SDE started from data perturbed at sigma_min (sigma(0) = sigma_min).
+    "ve_reference": sf.VESDE(sigma_min=0.01, sigma_max=50.0, kernel="reference"),
     "cosine": sf.CosineVPSDE(),
 }
 
@@ -52,6 +54,11 @@ def test_closed_forms_given_in_the_paper():
   np.testing.assert_allclose(ve.sigma_schedule(t), schedule, rtol=1e-12)
   np.testing.assert_allclose(ve.diffusion(t), schedule * np.sqrt(2 * np.log(50.0 / 0.01)), rtol=1e-12)
   np.testing.assert_allclose(ve.sigma(t), np.sqrt(schedule**2 - 0.01**2), rtol=1e-9, atol=1e-15)
+  # The 2021 code's kernel: sigma(t) = sigma_min (sigma_max / sigma_min)^t itself (its marginal_prob), the same g.
+  reference = CONTINUOUS_SDES["ve_reference"]
+  np.testing.assert_allclose(reference.sigma(t), schedule, rtol=1e-12)
+  np.testing.assert_allclose(reference.diffusion(t), ve.diffusion(t), rtol=1e-12)
+  assert float(reference.sigma(1e-5)) == pytest.approx(0.01 * 5000**1e-5, rel=1e-12)  # 0.0100009: its smallest.
   cosine = CONTINUOUS_SDES["cosine"]
   u = lambda t: (t + 0.008) / 1.008 * np.pi / 2
   t_cos = t * cosine.T
@@ -95,9 +102,10 @@ def _euler_maruyama_moments(sde, mean0, var0, t_end, num_steps):
 def test_euler_maruyama_moments_converge_to_the_marginal_at_order_one(sde):
   """The forward SDE's Euler-Maruyama moments approach the closed-form kernel, error halving with dt."""
   x0, t_end = 1.5, 0.8 * sde.T
+  var0 = sde.sigma(jnp.float64(0.0)) ** 2  # 0, except for the reference VE kernel (data already at sigma_min).
   errors = []
   for num_steps in (250, 500, 1000, 2000):
-    mean, var = _euler_maruyama_moments(sde, jnp.float64(x0), jnp.float64(0.0), t_end, num_steps)
+    mean, var = _euler_maruyama_moments(sde, jnp.float64(x0), var0, t_end, num_steps)
     errors.append(abs(float(var) - float(sde.sigma(t_end) ** 2)) + abs(float(mean) - x0 * float(sde.alpha(t_end))))
   slopes = np.diff(np.log(errors)) / np.log(2.0)
   np.testing.assert_allclose(slopes, -1.0, atol=0.1)
@@ -122,9 +130,11 @@ def test_simulated_forward_sde_matches_the_marginal(sde, getkey):
 
   times = jnp.arange(num_steps, dtype=jnp.float64) * dt
   keys = jax.random.split(getkey(), num_steps)
-  x, _ = jax.lax.scan(step, jnp.broadcast_to(x0, (num_paths, 2)), (times, keys))
+  std0 = sde.sigma(jnp.float64(0.0))  # 0, except for the reference VE kernel (data already at sigma_min).
+  start = x0[None] + std0 * jax.random.normal(getkey(), (num_paths, 2), jnp.float64)
+  x, _ = jax.lax.scan(step, start, (times, keys))
   mean, std = sde.marginal(x0[None], jnp.array([t_end]))
-  em_mean, em_var = _euler_maruyama_moments(sde, x0, jnp.zeros(2), t_end, num_steps)
+  em_mean, em_var = _euler_maruyama_moments(sde, x0, jnp.full(2, std0**2), t_end, num_steps)
   var = std[0] ** 2
   np.testing.assert_allclose(x.mean(0), mean[0], atol=4 * float(std[0]) / math.sqrt(num_paths)
                              + float(jnp.max(jnp.abs(em_mean - mean[0]))))

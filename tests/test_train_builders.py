@@ -107,3 +107,19 @@ def test_one_sigma_data_for_the_edm_preconditioning_and_loss():
   experiment = config_lib.build_experiment(config)
   assert float(experiment.parameterization.sigma_data) == experiment.loss_kwargs["sigma_data"] == 0.7
   assert "sigma_data" not in config.loss
+
+
+def test_runs_saved_before_a_field_was_added_or_retired_still_match():
+  """A config.json written before sde.ve_kernel existed (and with the retired loss.sigma_data) matches today's
+  config at the added field's old meaning, and differs when the new field takes another value."""
+  from scoreflow.config.fields import config_differences, config_to_dict
+
+  new = config_to_dict(toy_2d.get_config())
+  old = config_to_dict(toy_2d.get_config())
+  del old["sde"]["ve_kernel"]
+  old["loss"]["sigma_data"] = 0.5
+  assert config_differences(old, new) == {}
+  new["sde"]["ve_kernel"] = "reference"
+  assert config_differences(old, new) == {"sde.ve_kernel": ("exact", "reference")}
+  new["sde"]["beta_max"] = 10.0  # Ordinary fields still differ.
+  assert set(config_differences(old, new)) == {"sde.ve_kernel", "sde.beta_max"}

@@ -34,7 +34,7 @@ from scoreflow.train.step import NONFINITE_POLICIES, make_network
 SDES: dict[str, tuple[type, dict[str, str]]] = {
     "vp": (VPSDE, {"beta_min": "beta_min", "beta_max": "beta_max"}),
     "subvp": (SubVPSDE, {"beta_min": "beta_min", "beta_max": "beta_max"}),
-    "ve": (VESDE, {"sigma_min": "sigma_min", "sigma_max": "sigma_max"}),
+    "ve": (VESDE, {"sigma_min": "sigma_min", "sigma_max": "sigma_max", "ve_kernel": "kernel"}),
     "cosine_vp": (CosineVPSDE, {"cosine_s": "s", "cosine_T": "T"}),
     "ddpm": (DDPMChain, {"beta_min": "beta_min", "beta_max": "beta_max", "num_scales": "num_steps"}),
     "smld": (SMLDChain, {"sigma_min": "sigma_min", "sigma_max": "sigma_max", "num_scales": "num_scales"}),

@@ -83,13 +83,26 @@ def field_matches(name: str, patterns) -> bool:
   return any(name == p or (p.endswith(".") and name.startswith(p)) for p in patterns)
 
 
+# Fields added to configs/default.py after runs were saved, with the value a saved config without them meant.
+ADDED_FIELDS = {"sde.ve_kernel": "exact"}
+# Fields removed since (their meaning moved): a saved config may still hold them.
+RETIRED_FIELDS = {"loss.sigma_data": "config.parameterization.sigma_data"}
+
+
 def config_differences(old: dict, new: dict) -> dict[str, tuple]:
-  """`{"a.b": (old, new)}` for every leaf field that differs between two nested dicts."""
+  """`{"a.b": (old, new)}` for every leaf field that differs between two nested dicts: `old` a saved config
+  (`config.json`), `new` the current one. A field of :data:`ADDED_FIELDS` that `old` lacks differs only from
+  another value than the one it meant, and a field of :data:`RETIRED_FIELDS` that only `old` holds does not differ,
+  so runs saved before such a change still resume and evaluate."""
   old_flat, new_flat = flatten_config(old), flatten_config(new)
   missing = object()
   diffs = {}
   for name in sorted(set(old_flat) | set(new_flat)):
     a, b = old_flat.get(name, missing), new_flat.get(name, missing)
+    if a is missing and name in ADDED_FIELDS:
+      a = ADDED_FIELDS[name]
+    if b is missing and name in RETIRED_FIELDS:
+      continue
     if a != b:
       diffs[name] = (None if a is missing else a, None if b is missing else b)
   return diffs
