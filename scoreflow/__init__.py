@@ -59,5 +59,24 @@ from scoreflow.likelihood import exact_divergence as exact_divergence
 from scoreflow.likelihood import hutchinson_divergence as hutchinson_divergence
 from scoreflow.likelihood import log_likelihood as log_likelihood
 from scoreflow.likelihood import sample_probes as sample_probes
+from scoreflow.likelihood import summarize_bits_per_dim as summarize_bits_per_dim
+
+from scoreflow.flow import ErrorControl as ErrorControl
+from scoreflow.flow import solve_flow as solve_flow
+
+from scoreflow.bounds import DDPMBoundTerms as DDPMBoundTerms
+from scoreflow.bounds import continuous_bound_bpd as continuous_bound_bpd
+from scoreflow.bounds import continuous_nll_bound as continuous_nll_bound
+from scoreflow.bounds import ddpm_kl_term as ddpm_kl_term
+from scoreflow.bounds import ddpm_vlb_bpd as ddpm_vlb_bpd
+from scoreflow.bounds import ddpm_vlb_terms as ddpm_vlb_terms
+from scoreflow.bounds import discretized_gaussian_log_prob as discretized_gaussian_log_prob
+
+from scoreflow.guidance import classifier_free_score as classifier_free_score
+from scoreflow.guidance import classifier_guided_score as classifier_guided_score
+from scoreflow.guidance import colorize_sample as colorize_sample
+from scoreflow.guidance import conditional_score as conditional_score
+from scoreflow.guidance import inpaint_sample as inpaint_sample
+from scoreflow.guidance import linear_inverse_score as linear_inverse_score
 
 __version__ = "0.1.0"

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
 
+from scoreflow.data.scaling import AffineScaler
 from scoreflow.losses import dsm_likelihood_bound, sample_uniform
 from scoreflow.sde import AbstractSDE, DDPMChain
 
@@ -307,9 +308,12 @@ def continuous_bound_bpd(key, x_raw, score_fn: ScoreFn, sde: AbstractSDE, *, sca
   scale = jnp.broadcast_to(jnp.asarray(scale, levels.dtype), event_shape)[None]
   shift = jnp.broadcast_to(shift, event_shape)[None]
 
+  # The one dequantization rule (values stay in their level's cell; see AffineScaler.dequantize).
+  scaler = AffineScaler(scale, shift, num_levels=num_levels, dequantized=True)
+
   def one_draw(key):
     key_u, key_bound = jax.random.split(key)
-    x = scale * (levels + jax.random.uniform(key_u, levels.shape, levels.dtype)) + shift
+    x = scaler.dequantize(levels, jax.random.uniform(key_u, levels.shape, levels.dtype))
     return continuous_nll_bound(key_bound, x, score_fn, sde, eps=eps, importance_sampling=importance_sampling,
                                 t_sampling=t_sampling, decoder=decoder)
 

@@ -62,6 +62,7 @@ import numpy as np
 
 from scoreflow import flow
 from scoreflow._validation import concrete_value
+from scoreflow.data.scaling import AffineScaler, uniform_dequantize
 from scoreflow.flow import ODESolveInfo as ODESolveInfo  # Re-exported: the info of encode and decode.
 from scoreflow.flow import SolveStatus
 from scoreflow.sde import AbstractSDE
@@ -491,9 +492,6 @@ def dequantize(key, values, *, num_levels: int = 256, scale=2.0, shift=-1.0, dty
   Returns:
     `[B, *D]` continuous data in `dtype`.
   """
-  # Imported here: scoreflow.data's package also holds the tfds/grain pipeline, which the core need not load.
-  from scoreflow.data.scaling import AffineScaler, uniform_dequantize  # pylint: disable=g-import-not-at-top
-
   values = jnp.asarray(values)
   if values.ndim < 2:
     raise ValueError(f"dequantize: values must have shape [B, *D], got shape {values.shape}.")

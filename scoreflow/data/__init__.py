@@ -7,22 +7,27 @@ Modules: :mod:`~scoreflow.data.stream` (`make_dataset`: the resumable, sharded b
 :mod:`~scoreflow.data.digits`.
 """
 
-from scoreflow.data.digits import DIGITS_NUM_EXAMPLES as DIGITS_NUM_EXAMPLES
-from scoreflow.data.digits import DIGITS_NUM_LEVELS as DIGITS_NUM_LEVELS
-from scoreflow.data.digits import ScoreflowDigits as ScoreflowDigits
-from scoreflow.data.digits import prepare_digits as prepare_digits
-
-from scoreflow.data.stream import DataIterator as DataIterator
-from scoreflow.data.stream import make_dataset as make_dataset
-
-from scoreflow.data.transforms import centre_crop as centre_crop
-from scoreflow.data.transforms import crop_resize as crop_resize
-from scoreflow.data.transforms import resize as resize
-from scoreflow.data.transforms import resize_small as resize_small
-
 from scoreflow.data.scaling import AffineScaler as AffineScaler
 from scoreflow.data.scaling import uniform_dequantize as uniform_dequantize
 
 from scoreflow.data.toy import TOY_DATASETS as TOY_DATASETS
 from scoreflow.data.toy import sample_toy as sample_toy
 from scoreflow.data.toy import toy_mixture as toy_mixture
+
+# Loaded on first use: the digits builder and the stream import tensorflow-datasets and grain, which the core (the
+# likelihood's dequantization, the bounds) does not need when it imports the scaler.
+_LAZY = {"DIGITS_NUM_EXAMPLES": "digits", "DIGITS_NUM_LEVELS": "digits", "ScoreflowDigits": "digits",
+         "prepare_digits": "digits", "DataIterator": "stream", "make_dataset": "stream", "centre_crop": "transforms",
+         "crop_resize": "transforms", "resize": "transforms", "resize_small": "transforms"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    return getattr(importlib.import_module(f"scoreflow.data.{_LAZY[name]}"), name)
+  raise AttributeError(f"module 'scoreflow.data' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
