@@ -18,7 +18,7 @@ from scoreflow.config.fields import (ConfigError, config_choice, config_field, c
 from scoreflow.data.digits import DIGITS_NAMES
 from scoreflow.data.toy import TOY_DATASETS
 
-TASKS = ("bpd", "samples", "fid", "digits")
+TASKS = ("bpd", "bound", "samples", "fid", "digits")
 QUALITY = "quality"
 # Config fields (a trailing "." takes a whole section) whose change alters what a checkpoint's parameters mean.
 MODEL_SECTIONS = ("model.", "sde.", "parameterization.", "data.name", "data.scaler", "data.dequantize",
@@ -29,9 +29,11 @@ def eval_config() -> ml_collections.ConfigDict:
   meaning of every field; the settings classes below document them too."""
   return ml_collections.ConfigDict(dict(
       checkpoints="latest", use_ema=True, tasks="bpd,samples,quality", seed=0, batch_size=128, output_dir="",
-      cache_dir="", progress_bar=True, allow_config_mismatch=False,
+      cache_dir="", progress_bar=True, allow_config_mismatch=False, init_from="",
       bpd=dict(split="test", num_examples=0, num_repeats=1, divergence="hutchinson", probe="rademacher",
                num_probes=1, rtol=1e-5, atol=1e-5, eps=1e-5, solver="dopri5", max_steps=4096, per_example=False),
+      bound=dict(split="test", num_examples=0, num_samples=1, eps=1e-5, importance_sampling=True, decoder=True,
+                 ddpm_estimator="exact", ddpm_variance="beta", ddpm_clip_x0=False),
       samples=dict(num_samples=50000, shard_size=500, grid_size=64),
       fid=dict(inception_path="", reference_split="train", reference_num_examples=0, kid_reference_size=10000,
                kid_num_subsets=100, kid_subset_size=1000, is_num_splits=10),
@@ -61,6 +63,25 @@ class BpdSettings:
     return dict(eps=self.eps, rtol=self.rtol, atol=self.atol, divergence=self.divergence, probe=self.probe,
                 num_probes=self.num_probes, solver=self.solver, max_steps=self.max_steps,
                 per_example=self.per_example)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundSettings:
+  """`config.eval.bound`: the variational bound of the data's NLL in bits/dim. Continuous SDEs: the score-flow
+  bound with uniform dequantization and a Gaussian decoder for `[0, eps]` (`num_samples` draws per example,
+  `importance_sampling` of t, `decoder`); the DDPM chain: Ho et al.'s VLB with the discretized decoder
+  (`ddpm_estimator` "exact" sums every step, "sampled" one random step; `ddpm_variance` "beta" or "beta_tilde";
+  `ddpm_clip_x0` clips the implied x0 as Ho et al.'s 3.70 bits/dim did)."""
+
+  split: str
+  num_examples: int
+  num_samples: int
+  eps: float
+  importance_sampling: bool
+  decoder: bool
+  ddpm_estimator: str
+  ddpm_variance: str
+  ddpm_clip_x0: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +121,9 @@ class EvalSettings:
 
   `allow_config_mismatch`: evaluate even though model-defining fields (:data:`MODEL_SECTIONS`) differ from the
   workdir's `config.json` (a warning instead of an error).
+  `init_from`: evaluate published weights instead of the workdir's checkpoints: a score_sde_pytorch
+  `checkpoint_N.pth` or a score_sde (Flax) `checkpoint_N` file or directory, imported for `config.model`
+  (:mod:`scoreflow.models.importers`); `use_ema` picks the EMA or the raw weights.
   """
 
   checkpoints: str
@@ -114,7 +138,9 @@ class EvalSettings:
   samples: SampleSettings
   fid: FidSettings
   digits: DigitsSettings
+  bound: BoundSettings | None = None
   allow_config_mismatch: bool = False
+  init_from: str = ""
 
 
 _INCEPTION_HOWTO = (
@@ -146,16 +172,16 @@ def resolve_tasks(tasks: str, data_name: str) -> tuple[str, ...]:
       chosen.add(name)
     else:
       raise ConfigError(f"config.eval.tasks: unknown task {name!r} in {tasks!r}; choose from "
-                                 f"{', '.join(TASKS + (QUALITY,))} (comma-separated).")
+                        f"{', '.join(TASKS + (QUALITY,))} (comma-separated).")
   if not names:
     raise ConfigError(f"config.eval.tasks must name at least one of {', '.join(TASKS + (QUALITY,))}, "
-                               f"got {tasks!r}.")
+                      f"got {tasks!r}.")
   if "fid" in chosen and data_name in TOY_DATASETS:
     raise ConfigError(f"config.eval.tasks: 'fid' needs images, but config.data.name={data_name!r} is a 2-D "
-                               "toy density; drop it.")
+                      "toy density; drop it.")
   if "digits" in chosen and data_name not in DIGITS_NAMES:
     raise ConfigError(f"config.eval.tasks: 'digits' (the digits classifier metric) needs "
-                               f"config.data.name='digits', got {data_name!r}; use 'fid' for other images.")
+                      f"config.data.name='digits', got {data_name!r}; use 'fid' for other images.")
   if chosen & {"fid", "digits"}:
     chosen.add("samples")
   return tuple(task for task in TASKS if task in chosen)
@@ -188,7 +214,7 @@ def build_eval_settings(config) -> EvalSettings:
       max_steps=_int(config, "eval.bpd.max_steps", 1), per_example=bool(_get(config, "eval.bpd.per_example")))
   if "bpd" in tasks and data_name in TOY_DATASETS and bpd.num_examples == 0:
     raise ConfigError(f"config.eval.bpd.num_examples must be > 0 for the toy density {data_name!r} (an "
-                               "infinite stream), e.g. --config.eval.bpd.num_examples=4096.")
+                      "infinite stream), e.g. --config.eval.bpd.num_examples=4096.")
   samples = SampleSettings(num_samples=_int(config, "eval.samples.num_samples", 1),
                            shard_size=_int(config, "eval.samples.shard_size", 1),
                            grid_size=_int(config, "eval.samples.grid_size", 0, "(0: no grid)"))
@@ -203,17 +229,34 @@ def build_eval_settings(config) -> EvalSettings:
   if "fid" in tasks:
     if not fid.inception_path:
       raise ConfigError("config.eval.fid.inception_path is empty, but FID/IS/KID (eval.tasks has 'fid' or "
-                                 f"'quality' on images) need pytorch-fid's Inception-v3 weights. {_INCEPTION_HOWTO}")
+                        f"'quality' on images) need pytorch-fid's Inception-v3 weights. {_INCEPTION_HOWTO}")
     if not os.path.isfile(fid.inception_path):
       raise ConfigError(f"config.eval.fid.inception_path={fid.inception_path!r}: no such file. "
-                                 f"{_INCEPTION_HOWTO}")
+                        f"{_INCEPTION_HOWTO}")
     from scoreflow.evaluate import inception  # pylint: disable=g-import-not-at-top (a header check, but a JAX module)
 
     try:
       inception.check_fid_inception_file(fid.inception_path)
     except ValueError as error:
       raise ConfigError(f"config.eval.fid.inception_path={fid.inception_path!r}: {error} "
-                                 f"{_INCEPTION_HOWTO}") from None
+                        f"{_INCEPTION_HOWTO}") from None
+  bound = BoundSettings(
+      split=str(_get(config, "eval.bound.split")),
+      num_examples=_int(config, "eval.bound.num_examples", 0, "(0: all)"),
+      num_samples=_int(config, "eval.bound.num_samples", 1), eps=_float(config, "eval.bound.eps", 0.0, low_open=True),
+      importance_sampling=bool(_get(config, "eval.bound.importance_sampling")),
+      decoder=bool(_get(config, "eval.bound.decoder")),
+      ddpm_estimator=_choice(config, "eval.bound.ddpm_estimator", ("exact", "sampled")),
+      ddpm_variance=_choice(config, "eval.bound.ddpm_variance", ("beta", "beta_tilde")),
+      ddpm_clip_x0=bool(_get(config, "eval.bound.ddpm_clip_x0")))
+  if "bound" in tasks and data_name in TOY_DATASETS and bound.num_examples == 0:
+    raise ConfigError(f"config.eval.bound.num_examples must be > 0 for the toy density {data_name!r} (an infinite "
+                      "stream), e.g. --config.eval.bound.num_examples=4096.")
+  init_from = str(_get(config, "eval.init_from") or "")
+  if init_from and not os.path.exists(init_from):
+    raise ConfigError(f"config.eval.init_from={init_from!r}: no such file or directory. Pass a score_sde_pytorch "
+                      "checkpoint_N.pth or a score_sde (Flax) checkpoint_N file or directory (README: 'Published "
+                      "weights').")
   digits = DigitsSettings(reference_split=str(_get(config, "eval.digits.reference_split")),
                           classifier_steps=_int(config, "eval.digits.classifier_steps", 1),
                           classifier_seed=_int(config, "eval.digits.classifier_seed", 0))
@@ -222,7 +265,8 @@ def build_eval_settings(config) -> EvalSettings:
                       output_dir=str(_get(config, "eval.output_dir") or ""),
                       cache_dir=str(_get(config, "eval.cache_dir") or ""),
                       progress_bar=bool(_get(config, "eval.progress_bar")), bpd=bpd, samples=samples, fid=fid,
-                      digits=digits, allow_config_mismatch=bool(_get(config, "eval.allow_config_mismatch")))
+                      digits=digits, bound=bound, init_from=init_from,
+                      allow_config_mismatch=bool(_get(config, "eval.allow_config_mismatch")))
 
 
 def parse_checkpoint_spec(spec: str):
@@ -245,7 +289,7 @@ def parse_checkpoint_spec(spec: str):
   except ValueError:
     pass
   raise ConfigError(f"config.eval.checkpoints must be 'latest', 'all', a step ('2000'), a list of steps "
-                             f"('1000,3000') or an inclusive range ('1000:5000', '1000:', ':5000'), got {spec!r}.")
+                    f"('1000,3000') or an inclusive range ('1000:5000', '1000:', ':5000'), got {spec!r}.")
 
 
 def model_fields(config) -> dict[str, Any]:

@@ -174,3 +174,64 @@ def model_bpd_fn(model, sde, parameterization, levels: tuple, likelihood_items: 
     return make_score_fn(network, params, sde, parameterization)
 
   return make_bpd_fn(sde, score_fn_of, **dict(levels), likelihood_kwargs=dict(likelihood_items))
+
+
+@functools.lru_cache(maxsize=8)
+def model_bound_fn(model, process, sde, parameterization, levels: tuple, bound_items: tuple):
+  r"""`bound_fn(params, key, values) -> (bpd [B], logp [B], nfe [B], status [B])`, jitted and memoised: the
+  variational bound of :mod:`scoreflow.bounds` in the format of :func:`make_bpd_fn` (`logp` NaN, `status` 0).
+
+  * A continuous SDE: :func:`~scoreflow.continuous_bound_bpd` (score-flow bound, uniform dequantization by the
+    dequantized scaler onto the data's range, Gaussian decoder for `[0, eps]`); `nfe` counts the network calls.
+    Continuous (toy) data: :func:`~scoreflow.continuous_nll_bound` over :math:`D\ln 2`.
+  * The DDPM chain: :func:`~scoreflow.ddpm_vlb_bpd` (Ho et al. 2020, Eq. 5 with the discretized decoder on the
+    levels scaler's bins).
+
+  Args:
+    model, process, sde, parameterization: the experiment's network, training process, sampling SDE and
+      parameterization.
+    levels: `(("num_levels", L), ("scale", s), ("shift", b), ("dequantized_scale", s'))` of discrete data (the
+      levels scaler and its dequantized counterpart), or `(("num_levels", None),)` for continuous data.
+    bound_items: the sorted items of the `eval.bound` settings.
+  """
+  from scoreflow import bounds  # pylint: disable=g-import-not-at-top
+
+  levels, settings = dict(levels), dict(bound_items)
+  network = make_network(model.apply, train=False)
+  num_samples, decoder = settings["num_samples"], settings["decoder"]
+  if process.chain_loss == "ddpm":
+    if levels["num_levels"] is None:
+      raise ValueError("the DDPM bound needs discrete data (integer levels); the toy densities are continuous.")
+    estimator = settings["ddpm_estimator"]
+    calls = process.num_steps if estimator == "exact" else 3
+
+    def bound(params, key, values):
+      eps_fn = lambda x, i: network(params, x, i.astype(x.dtype))  # noqa: E731 (the level as conditioning)
+      return bounds.ddpm_vlb_bpd(key, values, eps_fn, process, estimator=estimator,
+                                 variance=settings["ddpm_variance"], clip_x0=settings["ddpm_clip_x0"],
+                                 scale=levels["scale"], shift=levels["shift"], num_levels=levels["num_levels"])
+  elif process.chain_loss is not None:
+    raise ValueError(f"no variational bound for the {process.chain_loss.upper()} chain; evaluate it with 'bpd' "
+                     "(the probability-flow ODE of the VE SDE it discretizes).")
+  else:
+    calls = num_samples * (2 if decoder else 1)
+    options = dict(eps=settings["eps"], importance_sampling=settings["importance_sampling"], decoder=decoder)
+
+    def bound(params, key, values):
+      score_fn = make_score_fn(network, params, sde, parameterization)
+      if levels["num_levels"] is None:
+        nats = jnp.mean(jnp.stack([bounds.continuous_nll_bound(k, values, score_fn, sde, **options)
+                                   for k in jax.random.split(key, num_samples)]), axis=0)
+        return nats / (math.prod(values.shape[1:]) * math.log(2.0))
+      return bounds.continuous_bound_bpd(key, values, score_fn, sde, scale=levels["dequantized_scale"],
+                                         shift=levels["shift"], num_levels=levels["num_levels"],
+                                         num_samples=num_samples, **options)
+
+  @jax.jit
+  def bound_fn(params, key, values):
+    bpd = bound(params, key, values)
+    batch = bpd.shape[:1]
+    return (bpd, jnp.full(batch, jnp.nan, bpd.dtype), jnp.full(batch, calls, jnp.int32),
+            jnp.where(jnp.isfinite(bpd), 0, 1).astype(jnp.int32))
+
+  return bound_fn

@@ -113,3 +113,32 @@ def restore_params(checkpointer: Checkpointer, abstract_state, kind: str, step: 
                           + "\n".join("  " + line for line in error.differences) + "\nEvaluate with the "
                           "configuration the run was trained with (its config.json).") from None
   return (state.ema_params if use_ema else state.params), kind, step
+
+
+def load_published_weights(path: str, model_spec: dict, *, use_ema: bool, element_shape) -> tuple[dict, int, str]:
+  """`(params, step, identity)` of published weights imported for `model_spec` (a config's `model` section):
+  a score_sde_pytorch `.pth` checkpoint (:func:`~scoreflow.models.importers.from_score_sde_pytorch`) or a
+  score_sde (Flax) `checkpoint_N` file or directory (:func:`~scoreflow.models.importers.from_score_sde_flax`).
+  `step` is the checkpoint's training step (0 where it does not say); `identity` changes when the file does.
+
+  Raises:
+    CheckpointError: the file does not hold the weights of `model_spec` (naming the mismatched keys and shapes).
+  """
+  from scoreflow.models import importers  # pylint: disable=g-import-not-at-top
+
+  spec = {key: value for key, value in model_spec.items() if not (key == "preset" and value is None)}
+  shape = dict(image_size=int(element_shape[0]), channels=int(element_shape[-1]))
+  try:
+    if os.path.isfile(path) and path.endswith((".pth", ".pt")):
+      state = importers.load_torch_checkpoint(path)
+      step = int(state.get("step", 0)) if isinstance(state, dict) else 0
+      params = importers.from_score_sde_pytorch(state, spec, ema=use_ema, **shape)
+    else:
+      state = importers.read_flax_checkpoint(path)
+      step = int(state.get("step", 0)) if isinstance(state, dict) and "step" in state else 0
+      params = importers.from_score_sde_flax(state, spec, ema=use_ema, **shape)
+  except ValueError as error:
+    raise CheckpointError(f"config.eval.init_from={path!r} cannot be evaluated as config.model describes: {error}") \
+        from None
+  stat = os.stat(path)
+  return params, step, f"file-{stat.st_size}-{stat.st_mtime_ns}"

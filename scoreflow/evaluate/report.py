@@ -26,6 +26,13 @@ def format_results(record: dict[str, Any]) -> str:
       lines.append(f"  warning: {r['num_failed']} likelihood solve(s) failed (see `status` in "
                    f"{r['per_example_file']}); their examples are left out of the mean. Raise "
                    "config.eval.bpd.max_steps or loosen rtol/atol.")
+  if "bound" in record:
+    r = record["bound"]
+    what = ("DDPM variational bound (Ho et al. 2020)" if r["kind"] == "ddpm_vlb" else
+            "variational bound (score flow, dequantized)" if r["dequantized"] else "variational bound (nats/dim / ln 2)")
+    ode = f" (ODE bits/dim above: {_fmt(record['bpd']['mean'])})" if "bpd" in record else ""
+    lines.append(f"  {what} on {r['split']} ({r['num_examples']} examples): {_fmt(r['mean'])} ± "
+                 f"{_fmt(r['stderr'], '.2g')} bits/dim (std. error){ode}")
   if "samples" in record:
     r = record["samples"]
     options = ", ".join(f"{k}={v}" for k, v in r["sampler"]["options"].items())

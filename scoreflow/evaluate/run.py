@@ -81,7 +81,7 @@ import jax
 from scoreflow import io
 from scoreflow.config.evaluation import EvalSettings, build_eval_settings, model_fields
 from scoreflow.config.experiment import DataSettings, Experiment, build_experiment
-from scoreflow.config.fields import ConfigError
+from scoreflow.config.fields import ConfigError, config_to_dict
 from scoreflow.evaluate import checkpoints, report, tasks, units
 from scoreflow.evaluate import reference as reference_lib
 from scoreflow.train import sharding
@@ -128,7 +128,9 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
   experiment = experiment or build_experiment(config)
   settings = settings or build_eval_settings(config)
   workdir = os.fspath(workdir)
-  if not os.path.isdir(workdir):
+  if settings.init_from:  # Published weights: the workdir only receives the results.
+    os.makedirs(workdir, exist_ok=True)
+  elif not os.path.isdir(workdir):
     raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a training run.")
   differences = checkpoints.workdir_config_differences(workdir, config)
   if differences and not settings.allow_config_mismatch:
@@ -141,12 +143,13 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
   cache_dir = settings.cache_dir or os.path.join(output_dir, "cache")
   checkpointer = Checkpointer(workdir, async_save=False)
   try:
-    chosen = checkpoints.select_checkpoints(checkpointer.steps(), settings.checkpoints)
+    chosen = ([("imported", None)] if settings.init_from else
+              checkpoints.select_checkpoints(checkpointer.steps(), settings.checkpoints))
     _check_reference_splits(experiment.data, settings)
     element_shape, scaler = reference_lib.model_space(experiment.data)
     setup = model_fields(config)
     mesh = sharding.make_mesh()
-    abstract_state = experiment.abstract_train_state(element_shape, mesh)
+    abstract_state = None if settings.init_from else experiment.abstract_train_state(element_shape, mesh)
     runners = tasks.TaskRunners(experiment, settings, element_shape, scaler, cache_dir, mesh)
     results = []
     for name, (old, new) in differences.items():  # Allowed: the model may mean something else.
@@ -154,13 +157,21 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
                 "(eval.allow_config_mismatch=True).")
     for kind, step in chosen:
       started = time.perf_counter()
-      params, kind, step = checkpoints.restore_params(checkpointer, abstract_state, kind, step, settings.use_ema,
-                                                      differences, newest_intact=settings.checkpoints == "latest")
-      source = checkpointer.directory(kind, step)
       params_kind = "ema" if settings.use_ema else "raw"
+      if settings.init_from:
+        source = os.path.abspath(settings.init_from)
+        params, step, identity = checkpoints.load_published_weights(
+            source, config_to_dict(config)["model"], use_ema=settings.use_ema, element_shape=element_shape)
+        name = f"imported_step_{step}-{params_kind}"
+      else:
+        params, kind, step = checkpoints.restore_params(checkpointer, abstract_state, kind, step, settings.use_ema,
+                                                        differences, newest_intact=settings.checkpoints == "latest")
+        source = checkpointer.directory(kind, step)
+        identity = checkpoints.checkpoint_identity(source)
+        name = f"step_{step}-{params_kind}"
       described = {"model": setup, "checkpoint": source, "step": step, "params": params_kind,
-                   "checkpoint_identity": checkpoints.checkpoint_identity(source)}
-      checkpoint_dir = units.task_directory(output_dir, f"step_{step}-{params_kind}", described,
+                   "checkpoint_identity": identity}
+      checkpoint_dir = units.task_directory(output_dir, name, described,
                                             key_fields=("model", "step", "params", "checkpoint_identity"))
       record: dict[str, Any] = {"step": step, "checkpoint": source, "params": params_kind,
                                 "directory": checkpoint_dir}

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -49,28 +49,27 @@ class TaskRunners:
       return None
     return sharding.batch_sharding(self.mesh)
 
-  # --- bits/dim ---
-  def bpd(self, params, checkpoint_dir, record):
-    experiment, bpd = self.experiment, self.settings.bpd
-    data = experiment.data
-    batch_size = self.settings.batch_size
-    stream = reference_lib.eval_stream(data, bpd.split, batch_size, seed=self.settings.seed)
+  # --- bits/dim: the probability-flow ODE likelihood, and the variational bound ---
+  def _split_bits(self, params, checkpoint_dir, task: str, split: str, num_examples: int, num_repeats: int,
+                  options: dict, make_fn: Callable) -> tuple[dict, str]:
+    """Bits/dim of a split's examples with `make_fn(levels) -> fn(params, key, values)`, resumably in
+    `<checkpoint_dir>/<task>-<split>-<hash>`; returns `(results, that directory)`."""
+    data, batch_size = self.experiment.data, self.settings.batch_size
+    stream = reference_lib.eval_stream(data, split, batch_size, seed=self.settings.seed)
     discrete = stream.scaler is not None
-    num_examples = bpd.num_examples
     if discrete:
       num_examples = min(num_examples or stream.num_examples, stream.num_examples)
-    described = {"dataset": data.name, "split": bpd.split, "num_examples": num_examples,
-                 "batch_size": batch_size, "seed": self.settings.seed, "num_repeats": bpd.num_repeats,
-                 "image_size": data.image_size, "scaler": data.scaler, **bpd.likelihood_kwargs()}
-    directory = units.task_directory(checkpoint_dir, f"bpd-{units.safe_name(bpd.split)}", described)
-    if discrete:
-      # The real data's integer levels (the stream's levels scaler), dequantized here by the bpd convention.
+      # The real data's integer levels (the stream's levels scaler), dequantized by the bits/dim convention.
       unit = stream.scaler.as_dequantized()
-      levels = (("num_levels", unit.num_levels), ("scale", float(unit.unit_cube_scale)), ("shift", float(unit.shift)))
+      levels = (("num_levels", unit.num_levels), ("scale", float(stream.scaler.scale)), ("shift", float(unit.shift)),
+                ("unit_cube_scale", float(unit.unit_cube_scale)), ("dequantized_scale", float(unit.scale)))
     else:
       levels = (("num_levels", None),)
-    bpd_fn = bpd_lib.model_bpd_fn(experiment.model, experiment.sampling_sde, experiment.parameterization, levels,
-                                  tuple(sorted(bpd.likelihood_kwargs().items())))
+    described = {"dataset": data.name, "split": split, "num_examples": num_examples, "batch_size": batch_size,
+                 "seed": self.settings.seed, "num_repeats": num_repeats, "image_size": data.image_size,
+                 "scaler": data.scaler, **options}
+    directory = units.task_directory(checkpoint_dir, f"{task}-{units.safe_name(split)}", described)
+    fn = make_fn(levels)
     to_values = (lambda batch: stream.scaler.to_levels(batch["x"])) if discrete else (lambda batch: batch["x"])
     batches = bpd_lib.bpd_batches((to_values(batch) for batch in stream), num_examples)
     split_examples = self._batch_sharding(batch_size)
@@ -78,15 +77,45 @@ class TaskRunners:
       batches = ((index, jax.device_put(values, split_examples), num_valid) for index, values, num_valid in batches)
     started = time.perf_counter()
     try:
-      result = bpd_lib.evaluate_bpd(lambda key, values: bpd_fn(params, key, values), batches, directory,
+      result = bpd_lib.evaluate_bpd(lambda key, values: fn(params, key, values), batches, directory,
                                     key=jax.random.fold_in(jax.random.key(self.settings.seed), BPD_KEY),
-                                    num_examples=num_examples, num_repeats=bpd.num_repeats,
+                                    num_examples=num_examples, num_repeats=num_repeats,
                                     progress_bar=self.settings.progress_bar)
     finally:
       stream.close()
-    out = {**result.to_dict(), "split": bpd.split, "divergence": bpd.divergence, "num_probes": bpd.num_probes,
-           "rtol": bpd.rtol, "atol": bpd.atol, "eps": bpd.eps, "dequantized": discrete,
-           "seconds": time.perf_counter() - started, "compilations": bpd_fn._cache_size()}
+    out = {**result.to_dict(), "split": split, "dequantized": discrete, "seconds": time.perf_counter() - started,
+           "compilations": fn._cache_size()}
+    return out, directory
+
+  def bpd(self, params, checkpoint_dir, record):
+    experiment, bpd = self.experiment, self.settings.bpd
+
+    def make_fn(levels):
+      levels = dict(levels)
+      unit = ((("num_levels", None),) if levels["num_levels"] is None else
+              (("num_levels", levels["num_levels"]), ("scale", levels["unit_cube_scale"]), ("shift", levels["shift"])))
+      return bpd_lib.model_bpd_fn(experiment.model, experiment.sampling_sde, experiment.parameterization, unit,
+                                  tuple(sorted(bpd.likelihood_kwargs().items())))
+
+    out, directory = self._split_bits(params, checkpoint_dir, "bpd", bpd.split, bpd.num_examples, bpd.num_repeats,
+                                      bpd.likelihood_kwargs(), make_fn)
+    out.update(divergence=bpd.divergence, num_probes=bpd.num_probes, rtol=bpd.rtol, atol=bpd.atol, eps=bpd.eps)
+    io.write_json(os.path.join(directory, "results.json"), out)
+    return out
+
+  def bound(self, params, checkpoint_dir, record):
+    experiment, bound = self.experiment, self.settings.bound
+    options = dataclasses.asdict(bound)
+    del options["split"], options["num_examples"]
+
+    def make_fn(levels):
+      return bpd_lib.model_bound_fn(experiment.model, experiment.process, experiment.sampling_sde,
+                                    experiment.parameterization, levels, tuple(sorted(options.items())))
+
+    out, directory = self._split_bits(params, checkpoint_dir, "bound", bound.split, bound.num_examples, 1, options,
+                                      make_fn)
+    kind = ("ddpm_vlb" if experiment.process.chain_loss == "ddpm" else "continuous")
+    out.update(kind=kind, **options)
     io.write_json(os.path.join(directory, "results.json"), out)
     return out
 

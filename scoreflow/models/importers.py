@@ -467,7 +467,8 @@ def _flat_params(params, what: str) -> dict[str, np.ndarray]:
 
 # --- score_sde_pytorch. ---------------------------------------------------------------------------
 
-def _load_torch(path) -> Any:
+def load_torch_checkpoint(path) -> Any:
+  """The object in a `.pth` file (`torch.load` on the CPU; needs PyTorch)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as error:
@@ -517,7 +518,7 @@ def from_score_sde_pytorch(checkpoint_or_state_dict, spec, *, ema: bool = True, 
   what = "from_score_sde_pytorch"
   source = checkpoint_or_state_dict
   if isinstance(source, (str, os.PathLike)):
-    source = _load_torch(source)
+    source = load_torch_checkpoint(source)
   if not isinstance(source, Mapping):
     raise ValueError(f"{what}: expected a checkpoint path, a checkpoint dict or a state_dict, got "
                      f"{type(source).__name__}.")
@@ -598,7 +599,8 @@ def _network_of_jax_keys(keys) -> str:
   return "ddpm" if tops & {"ResnetBlockDDPM", "AttnBlock"} else "ncsnpp"
 
 
-def _read_flax_state(path) -> Any:
+def read_flax_checkpoint(path) -> Any:
+  """The raw state of a `flax.training.checkpoints` file (or the highest `checkpoint_N` of a directory)."""
   from flax import serialization  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -634,7 +636,7 @@ def from_score_sde_flax(path_or_state, spec, *, ema: bool = True, image_size: in
   what = "from_score_sde_flax"
   state = path_or_state
   if isinstance(state, (str, os.PathLike)):
-    state = _read_flax_state(state)
+    state = read_flax_checkpoint(state)
   if not isinstance(state, Mapping):
     raise ValueError(f"{what}: expected a checkpoint path, a state dict or a params tree, got {type(state).__name__}.")
   if "params_ema" in state or "optimizer" in state:

@@ -1,0 +1,155 @@
+"""The `bound` evaluation task and `eval.init_from` (published weights) through `evaluate(config, workdir)`."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from configs import default, digits_vp  # noqa: E402
+
+import scoreflow as sf  # noqa: E402
+from scoreflow.config import build_experiment  # noqa: E402
+from scoreflow.data import make_dataset  # noqa: E402
+from scoreflow.evaluate import run  # noqa: E402
+from scoreflow.models import build_model, from_score_sde_pytorch, to_score_sde_pytorch  # noqa: E402
+from scoreflow.train.checkpoint import CheckpointError  # noqa: E402
+from scoreflow.train.step import make_network  # noqa: E402
+
+NUM_EXAMPLES, BATCH = 20, 16
+
+
+def digits_config(tmp_path, **model):
+  """Digits with the DDPM++ digits network (a reference architecture) at a small width and cheap evaluation."""
+  config = digits_vp.get_config()
+  config.model = default.model_config("ddpmpp_digits", **{"nf": 16, **model})
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.sampling.method = "ddim"
+  config.sampling.num_steps = 4
+  config.eval.progress_bar = False
+  config.eval.tasks = "bound"
+  config.eval.batch_size = BATCH
+  config.eval.bound.num_examples = NUM_EXAMPLES  # Two batches, the second padded.
+  return config
+
+
+def random_params(config, seed):
+  model = build_model(config.model.to_dict())
+  params = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"]
+  # Perturb every parameter (zero-initialised output layers included) so that no path is hidden.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  return jax.tree.unflatten(tree, [leaf + 0.05 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+
+
+def write_reference_checkpoint(path, config, ema_params, raw_params, step):
+  """A `checkpoint_<step>.pth` in score_sde_pytorch's layout: DataParallel `module.` keys, EMA shadow parameters in
+  `model.parameters()` order, the optimizer and the step."""
+  spec = config.model.to_dict()
+  raw = to_score_sde_pytorch(raw_params, spec, prefix="module.")
+  shadow = list(to_score_sde_pytorch(ema_params, spec).values())
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in raw.items()},
+              "ema": {"decay": 0.9999, "num_updates": step, "shadow_params": [torch.from_numpy(v) for v in shadow]},
+              "optimizer": {}, "step": step}, path)
+
+
+def expected_bounds(config, params, seed):
+  """The bound of the first NUM_EXAMPLES test digits, computed here with the documented key scheme: batch `i`
+  uses `fold_in(fold_in(fold_in(key(seed), 0), i), 0)` (the bpd tasks' keys), the levels of the test split and
+  the dequantized centred scaler onto [-1, 1)."""
+  experiment = build_experiment(config)
+  network = make_network(experiment.model.apply, train=False)
+  score_fn = sf.make_score_fn(network, params, experiment.sampling_sde, experiment.parameterization)
+  stream = make_dataset("digits", "test", data_dir=config.data.data_dir, global_batch_size=BATCH, shuffle=False,
+                        num_epochs=None, seed=seed, random_flip=False)
+  unit = stream.scaler.as_dequantized()
+  key = jax.random.fold_in(jax.random.key(seed), 0)
+  bounds = []
+  for index, batch in zip(range(2), stream):
+    values = stream.scaler.to_levels(batch["x"])
+    bounds.append(sf.continuous_bound_bpd(jax.random.fold_in(jax.random.fold_in(key, index), 0), values, score_fn,
+                                          experiment.sampling_sde, scale=float(unit.scale), shift=float(unit.shift),
+                                          num_levels=unit.num_levels, eps=1e-5))
+  stream.close()
+  return np.concatenate(bounds)[:NUM_EXAMPLES]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("published")
+  config = digits_config(tmp_path)
+  ema, raw = random_params(config, 0), random_params(config, 1)
+  path = str(tmp_path / "checkpoint_7.pth")
+  write_reference_checkpoint(path, config, ema, raw, step=7)
+  return tmp_path, config, path, ema, raw
+
+
+def test_published_weights_are_evaluated_by_the_bound_task(published):
+  """`--config.eval.init_from=checkpoint_7.pth` evaluates the imported EMA weights in a fresh workdir: the bound of
+  each test digit equals the bound of the same weights computed directly, and the raw weights give other
+  numbers."""
+  tmp_path, config, path, ema, raw = published
+  config.eval.init_from = path
+  workdir = tmp_path / "fresh"  # Need not exist: only the results go there.
+  record = run.evaluate(config, workdir)["checkpoints"][0]
+  assert record["step"] == 7 and record["checkpoint"] == os.path.abspath(path)
+  assert os.path.basename(record["directory"]).startswith("imported_step_7-ema-")
+  bound = record["bound"]
+  per_example = np.load(bound["per_example_file"])["bpd"]
+  assert bound["num_examples"] == NUM_EXAMPLES and bound["kind"] == "continuous" and bound["dequantized"]
+  np.testing.assert_allclose(per_example, expected_bounds(config, ema, seed=0), rtol=1e-5)
+  assert bound["mean"] == pytest.approx(per_example.mean(), rel=1e-12)
+  assert bound["stderr"] == pytest.approx(per_example.std(ddof=1) / np.sqrt(NUM_EXAMPLES), rel=1e-9)
+  # The weights a checkpoint holds are the ones evaluated: the importer's own reading, and not the raw ones.
+  imported = from_score_sde_pytorch(path, config.model.to_dict())
+  for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(ema)):
+    np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=0, atol=0)  # float32 on disk: exact.
+  config.eval.use_ema = False
+  raw_record = run.evaluate(config, workdir)["checkpoints"][0]
+  assert os.path.basename(raw_record["directory"]).startswith("imported_step_7-raw-")
+  raw_bounds = np.load(raw_record["bound"]["per_example_file"])["bpd"]
+  np.testing.assert_allclose(raw_bounds, expected_bounds(config, raw, seed=0), rtol=1e-5)
+  assert not np.allclose(raw_bounds, per_example, rtol=1e-3)
+  assert "variational bound (score flow, dequantized)" in run.report.format_results(raw_record)
+
+
+def test_published_weights_of_another_network_are_refused_before_any_work(published):
+  tmp_path, config, path, _, _ = published
+  wider = digits_config(tmp_path, nf=32)
+  wider.eval.init_from = path
+  with pytest.raises(CheckpointError, match=r"(?s)init_from=.*checkpoint_7\.pth.*cannot be evaluated.*shape"):
+    run.evaluate(wider, tmp_path / "other")
+  missing = digits_config(tmp_path)
+  missing.eval.init_from = str(tmp_path / "no_such.pth")
+  with pytest.raises(ValueError, match=r"config.eval.init_from=.*no_such\.pth.*no such file"):
+    run.evaluate(missing, tmp_path / "other")
+
+
+def test_ddpm_bound_task_is_the_ddpm_vlb(tmp_path):
+  """On the DDPM chain the task reports Ho et al.'s VLB with the discretized decoder on the levels' bins (one exact
+  sum over the chain's steps), the same numbers as `ddpm_vlb_bpd` of the network; the SMLD chain has none."""
+  config = digits_config(tmp_path)
+  config.sde.name, config.loss.name, config.sde.num_scales, config.sde.beta_max = "ddpm", "ddpm", 8, 5.0
+  config.model = default.model_config("ddpmpp_digits", nf=16, noise_conditioning="index")
+  params = random_params(config, 2)
+  path = str(tmp_path / "checkpoint_3.pth")
+  write_reference_checkpoint(path, config, params, params, step=3)
+  config.eval.init_from = path
+  record = run.evaluate(config, tmp_path / "ddpm")["checkpoints"][0]
+  bound = record["bound"]
+  assert bound["kind"] == "ddpm_vlb" and bound["nfe_mean"] == 8
+  experiment = build_experiment(config)
+  network = make_network(experiment.model.apply, train=False)
+  stream = make_dataset("digits", "test", data_dir=config.data.data_dir, global_batch_size=BATCH, shuffle=False,
+                        num_epochs=None, seed=0, random_flip=False)
+  values = stream.scaler.to_levels(next(iter(stream))["x"])
+  stream.close()
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), 0), 0)
+  expected = sf.ddpm_vlb_bpd(key, values, lambda x, i: network(params, x, i.astype(x.dtype)), experiment.process,
+                             scale=float(stream.scaler.scale), shift=-1.0, num_levels=17)
+  np.testing.assert_allclose(np.load(bound["per_example_file"])["bpd"][:BATCH], expected, rtol=1e-5)
