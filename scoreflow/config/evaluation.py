@@ -18,7 +18,7 @@ from scoreflow.config.fields import (ConfigError, config_choice, config_field, c
 from scoreflow.data.digits import DIGITS_NAMES
 from scoreflow.data.toy import TOY_DATASETS
 
-TASKS = ("bpd", "bound", "samples", "fid", "digits")
+TASKS = ("bpd", "bound", "samples", "conditional", "inpaint", "colorize", "fid", "digits")
 QUALITY = "quality"
 # Config fields (a trailing "." takes a whole section) whose change alters what a checkpoint's parameters mean.
 MODEL_SECTIONS = ("model.", "sde.", "parameterization.", "data.name", "data.scaler", "data.dequantize",
@@ -35,6 +35,9 @@ def eval_config() -> ml_collections.ConfigDict:
       bound=dict(split="test", num_examples=0, num_samples=1, eps=1e-5, importance_sampling=True, decoder=True,
                  ddpm_estimator="exact", ddpm_variance="beta", ddpm_clip_x0=False),
       samples=dict(num_samples=50000, shard_size=500, grid_size=64),
+      conditional=dict(guidance_scales="0,1,3", samples_per_class=100, shard_size=500, grid_columns=10),
+      inverse=dict(split="test", num_examples=0, mask="lower_half", predictor="reverse_diffusion",
+                   corrector="langevin", num_steps=500, snr=0.16, n_corrector_steps=1, eps=1e-3, grid_size=16),
       fid=dict(inception_path="", reference_split="train", reference_num_examples=0, kid_reference_size=10000,
                kid_num_subsets=100, kid_subset_size=1000, is_num_splits=10),
       digits=dict(reference_split="train", classifier_steps=1000, classifier_seed=0),
@@ -82,6 +85,43 @@ class BoundSettings:
   ddpm_estimator: str
   ddpm_variance: str
   ddpm_clip_x0: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionalSettings:
+  """`config.eval.conditional` (class-conditional models): `samples_per_class` samples of every class with the
+  sampler of `config.sampling` and classifier-free guidance at each of `guidance_scales` (w: `(1 + w) s(x|y) - w
+  s(x)`), drawn `shard_size` at a time; a grid of `grid_columns` samples per class; on digits, the digits
+  classifier's accuracy on the requested classes."""
+
+  guidance_scales: tuple[float, ...]
+  samples_per_class: int
+  shard_size: int
+  grid_columns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseSettings:
+  """`config.eval.inverse` (the `inpaint` and `colorize` tasks): the split and how many examples (0: all), the
+  inpainting `mask` (the region generated: `lower_half`, `right_half`, `centre` or `checkerboard`; the rest is
+  observed), the predictor-corrector sampler that completes them (by replacement: observed values are kept
+  exactly), and the grid's size."""
+
+  split: str
+  num_examples: int
+  mask: str
+  predictor: str
+  corrector: str
+  num_steps: int
+  snr: float
+  n_corrector_steps: int
+  eps: float
+  grid_size: int
+
+  def sampler_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments of :func:`scoreflow.inpaint_sample` / :func:`scoreflow.colorize_sample`."""
+    return dict(predictor=self.predictor, corrector=self.corrector, num_steps=self.num_steps, snr=self.snr,
+                n_corrector_steps=self.n_corrector_steps, eps=self.eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +179,8 @@ class EvalSettings:
   fid: FidSettings
   digits: DigitsSettings
   bound: BoundSettings | None = None
+  conditional: ConditionalSettings | None = None
+  inverse: InverseSettings | None = None
   allow_config_mismatch: bool = False
   init_from: str = ""
 
@@ -252,6 +294,8 @@ def build_eval_settings(config) -> EvalSettings:
   if "bound" in tasks and data_name in TOY_DATASETS and bound.num_examples == 0:
     raise ConfigError(f"config.eval.bound.num_examples must be > 0 for the toy density {data_name!r} (an infinite "
                       "stream), e.g. --config.eval.bound.num_examples=4096.")
+  conditional = _conditional_settings(config, tasks)
+  inverse = _inverse_settings(config, tasks, data_name)
   init_from = str(_get(config, "eval.init_from") or "")
   if init_from and not os.path.exists(init_from):
     raise ConfigError(f"config.eval.init_from={init_from!r}: no such file or directory. Pass a score_sde_pytorch "
@@ -265,8 +309,55 @@ def build_eval_settings(config) -> EvalSettings:
                       output_dir=str(_get(config, "eval.output_dir") or ""),
                       cache_dir=str(_get(config, "eval.cache_dir") or ""),
                       progress_bar=bool(_get(config, "eval.progress_bar")), bpd=bpd, samples=samples, fid=fid,
-                      digits=digits, bound=bound, init_from=init_from,
+                      digits=digits, bound=bound, conditional=conditional, inverse=inverse, init_from=init_from,
                       allow_config_mismatch=bool(_get(config, "eval.allow_config_mismatch")))
+
+
+def _conditional_settings(config, tasks) -> ConditionalSettings:
+  text = str(config_field(config, "eval.conditional.guidance_scales"))
+  try:
+    scales = tuple(float(part) for part in text.split(",") if part.strip())
+  except ValueError:
+    scales = ()
+  if not scales or any(not scale >= 0 for scale in scales):
+    raise ConfigError(f"config.eval.conditional.guidance_scales must be comma-separated numbers >= 0 (w of "
+                      f"classifier-free guidance, 0: the conditional model alone), got {text!r}.")
+  settings = ConditionalSettings(
+      guidance_scales=scales, samples_per_class=config_int(config, "eval.conditional.samples_per_class", 1),
+      shard_size=config_int(config, "eval.conditional.shard_size", 1),
+      grid_columns=config_int(config, "eval.conditional.grid_columns", 1))
+  num_classes = int(config.model.get("num_classes", 0) or 0) if hasattr(config.model, "get") else 0
+  if "conditional" in tasks:
+    if num_classes < 1:
+      raise ConfigError("config.eval.tasks has 'conditional', but config.model.num_classes is 0: the model is "
+                        "unconditional. Train a class-conditional model (e.g. configs/digits_vp_conditional.py).")
+    if settings.grid_columns > settings.samples_per_class:
+      raise ConfigError(f"config.eval.conditional.grid_columns={settings.grid_columns} exceeds samples_per_class="
+                        f"{settings.samples_per_class}; the grid shows that many samples of every class.")
+  return settings
+
+
+def _inverse_settings(config, tasks, data_name) -> InverseSettings:
+  from scoreflow.sampling import CORRECTORS, PREDICTORS  # pylint: disable=g-import-not-at-top
+
+  settings = InverseSettings(
+      split=str(config_field(config, "eval.inverse.split")),
+      num_examples=config_int(config, "eval.inverse.num_examples", 0, "(0: all)"),
+      mask=config_choice(config, "eval.inverse.mask", ("lower_half", "right_half", "centre", "checkerboard")),
+      predictor=config_choice(config, "eval.inverse.predictor", PREDICTORS),
+      corrector=config_choice(config, "eval.inverse.corrector", CORRECTORS),
+      num_steps=config_int(config, "eval.inverse.num_steps", 1),
+      snr=config_float(config, "eval.inverse.snr", 0.0, low_open=True),
+      n_corrector_steps=config_int(config, "eval.inverse.n_corrector_steps", 0),
+      eps=config_float(config, "eval.inverse.eps", 0.0, low_open=True),
+      grid_size=config_int(config, "eval.inverse.grid_size", 0, "(0: no grid)"))
+  for task in ("inpaint", "colorize"):
+    if task in tasks and data_name in TOY_DATASETS:
+      raise ConfigError(f"config.eval.tasks: {task!r} needs images, but config.data.name={data_name!r} is a 2-D toy "
+                        "density; drop it.")
+  if "colorize" in tasks and data_name in DIGITS_NAMES:
+    raise ConfigError("config.eval.tasks: 'colorize' needs RGB images, but the digits are grey; use 'inpaint'.")
+  return settings
 
 
 def parse_checkpoint_spec(spec: str):

@@ -44,6 +44,20 @@ def format_results(record: dict[str, Any]) -> str:
     if r.get("num_nonfinite"):
       lines.append(f"  warning: {r['num_nonfinite']} of {r['num_samples']} samples hold NaN or infinite values; they "
                    "are left out of the quality metrics. Check the sampler's settings and the checkpoint.")
+  if "conditional" in record:
+    r = record["conditional"]
+    for entry in r["scales"]:
+      accuracy = f", digits classifier accuracy {_fmt(entry['accuracy'], '.3f')}" if "accuracy" in entry else ""
+      lines.append(f"  class-conditional samples, guidance scale {entry['guidance_scale']:g}: "
+                   f"{entry['num_samples']} ({r['samples_per_class']} per class){accuracy}; grid {entry['grid']}")
+  for task in ("inpaint", "colorize"):
+    if task in record:
+      r = record[task]
+      what = f"inpainting ({r['mask']} generated)" if task == "inpaint" else "colorization"
+      judged = (f", digits classifier accuracy {_fmt(r['completed']['accuracy'], '.3f')} (on the truth: "
+                f"{_fmt(r['truth']['accuracy'], '.3f')})" if "completed" in r else "")
+      lines.append(f"  {what} of {r['num_examples']} {r['split']} examples: MSE {_fmt(r['mse'])} on the generated "
+                   f"values{judged}; NFE {r['nfe']}")
   if "digits" in record:
     r, real = record["digits"], record["digits"]["real_data"]
     matched = (f" (first {r['fd_matched_num_examples']} samples: {_fmt(r['fd_matched'])})"

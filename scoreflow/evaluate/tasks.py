@@ -13,18 +13,22 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from scoreflow import io
+from scoreflow import guidance, io
+from scoreflow.data.digits import DIGITS_NAMES
+from scoreflow.parameterization import make_score_fn
 from scoreflow.config.evaluation import EvalSettings
 from scoreflow.config.experiment import Experiment
 from scoreflow.evaluate import bpd as bpd_lib
-from scoreflow.evaluate import digits_metric, inception, units
+from scoreflow.evaluate import controllable, digits_metric, inception, units
 from scoreflow.evaluate import reference as reference_lib
 from scoreflow.evaluate import samples as samples_lib
-from scoreflow.train import sharding
+from scoreflow.train import sharding, visualize
+from scoreflow.train.step import make_network
 
-BPD_KEY, SAMPLES_KEY = 0, 1  # fold_in tags: independent streams for the two random tasks.
+BPD_KEY, SAMPLES_KEY, CONDITIONAL_KEY, INVERSE_KEY = 0, 1, 2, 3  # fold_in tags: independent random streams.
 
 
 def sampler_description(experiment: Experiment) -> dict[str, Any]:
@@ -41,7 +45,8 @@ class TaskRunners:
     self.experiment, self.settings = experiment, settings
     self.element_shape, self.scaler, self.cache_dir = element_shape, scaler, cache_dir
     self.mesh = mesh
-    self._sample_fn = None
+    self._sample_fn = self._conditional_fn = None
+    self._inverse_fns = {}
 
   def _batch_sharding(self, batch_size: int):
     """Examples split over the devices when they divide the batch (else None: replicated computation)."""
@@ -148,11 +153,154 @@ class TaskRunners:
     out = {**result.to_dict(), "sampler": sampler_description(self.experiment),
            "seconds": time.perf_counter() - started, "compilations": sample_fn._cache_size()}
     if settings.grid_size:
-      from scoreflow.train import visualize  # pylint: disable=g-import-not-at-top
-
       grid = samples_lib.load_samples(directory, min(settings.grid_size, settings.num_samples), settings.shard_size)
       out["grid"] = os.path.join(directory, "grid.png")
       io.write_png(out["grid"], visualize.sample_picture(grid, self.scaler))
+    io.write_json(os.path.join(directory, "results.json"), out)
+    return out
+
+  # --- controllable generation: class-conditional samples, inpainting, colorization ---
+  def _digits_judge(self):
+    """The digits classifier (trained once, cached) when the data are the digits, else None."""
+    if self.experiment.data.name not in DIGITS_NAMES:
+      return None
+    digits = self.settings.digits
+    classifier, _ = reference_lib.digits_classifier(self.cache_dir, data_dir=self.experiment.data.data_dir,
+                                                    seed=digits.classifier_seed, num_steps=digits.classifier_steps)
+    return classifier
+
+  def _judged(self, classifier, x, labels) -> dict[str, Any]:
+    """The digits classifier's accuracy on model-space images `x` for the requested `labels` (non-finite images
+    count as wrong), overall and per class."""
+    finite = samples_lib.finite_rows(x)
+    predicted = np.full(labels.shape, -1)
+    if finite.any():
+      _, logits = jax.jit(digits_metric.digits_features)(
+          classifier, jnp.asarray(digits_metric.to_unit_intensity(x[finite], self.scaler)))
+      predicted[finite] = np.argmax(np.asarray(logits), axis=-1)
+    correct = predicted == labels
+    return {"accuracy": float(correct.mean()),
+            "accuracy_per_class": [float(correct[labels == c].mean()) for c in range(int(labels.max()) + 1)],
+            "num_nonfinite": int((~finite).sum())}
+
+  def conditional(self, params, checkpoint_dir, record):
+    settings, experiment = self.settings.conditional, self.experiment
+    num_classes = experiment.num_classes
+    num_samples = settings.samples_per_class * num_classes
+    if self._conditional_fn is None:
+      shape = (settings.shard_size, *self.element_shape)
+      split_examples = self._batch_sharding(settings.shard_size)
+
+      def draw(key, params, labels, guidance_scale):
+        return experiment.make_conditional_sample_fn(guidance_scale)(key, params, shape, labels)
+
+      self._conditional_fn = jax.jit(draw, out_shardings=None if split_examples is None else (split_examples, None))
+    sample_fn, judge = self._conditional_fn, self._digits_judge()
+    key = jax.random.fold_in(jax.random.key(self.settings.seed), CONDITIONAL_KEY)
+    started, per_scale = time.perf_counter(), []
+    for guidance_scale in settings.guidance_scales:
+      described = {"sampler": sampler_description(experiment), "guidance_scale": guidance_scale,
+                   "num_classes": num_classes, "shard_size": settings.shard_size, "seed": self.settings.seed,
+                   "element_shape": list(self.element_shape)}
+      directory = units.task_directory(checkpoint_dir, f"conditional-w{guidance_scale:g}", described)
+
+      def sample_shard(index, guidance_scale=guidance_scale):
+        labels = controllable.class_labels(index * settings.shard_size, settings.shard_size, num_classes)
+        x, info = sample_fn(jax.random.fold_in(key, index), params, jnp.asarray(labels),
+                            jnp.asarray(guidance_scale, jnp.float32))
+        return np.asarray(x), {"label": labels, **{name: np.asarray(value) for name, value in info._asdict().items()}}
+
+      result = samples_lib.generate_samples(sample_shard, directory, num_samples=num_samples,
+                                            shard_size=settings.shard_size, progress_bar=self.settings.progress_bar)
+      samples = samples_lib.load_samples(directory, num_samples, settings.shard_size)
+      entry = {"guidance_scale": guidance_scale, **result.to_dict()}
+      grid = controllable.class_grid(samples, num_classes, settings.grid_columns)
+      entry["grid"] = os.path.join(directory, "grid.png")
+      picture = (visualize.image_grid(np.asarray(self.scaler.to_uint8(grid)), columns=settings.grid_columns)
+                 if grid.ndim == 4 else visualize.sample_picture(grid))
+      io.write_png(entry["grid"], picture)
+      if judge is not None:
+        entry.update(self._judged(judge, samples, controllable.class_labels(0, num_samples, num_classes)))
+      io.write_json(os.path.join(directory, "results.json"), entry)
+      per_scale.append(entry)
+    return {"num_classes": num_classes, "samples_per_class": settings.samples_per_class,
+            "sampler": sampler_description(experiment), "scales": per_scale, "seconds": time.perf_counter() - started,
+            "compilations": sample_fn._cache_size()}
+
+  def inpaint(self, params, checkpoint_dir, record):
+    return self._inverse("inpaint", params, checkpoint_dir)
+
+  def colorize(self, params, checkpoint_dir, record):
+    return self._inverse("colorize", params, checkpoint_dir)
+
+  def _inverse(self, task: str, params, checkpoint_dir) -> dict[str, Any]:
+    settings, experiment = self.settings.inverse, self.experiment
+    if task == "colorize" and self.element_shape[-1] != 3:
+      raise ValueError(f"config.eval.tasks: 'colorize' needs RGB images, but the data have {self.element_shape[-1]} "
+                       "channel(s); use 'inpaint'.")
+    batch_size, sde = self.settings.batch_size, experiment.sampling_sde
+    stream = reference_lib.eval_stream(experiment.data, settings.split, batch_size, seed=self.settings.seed)
+    num_examples = min(settings.num_examples or stream.num_examples, stream.num_examples)
+    mask = controllable.masks(settings.mask, self.element_shape) if task == "inpaint" else None
+    described = {"dataset": experiment.data.name, "split": settings.split, "num_examples": num_examples,
+                 "batch_size": batch_size, "seed": self.settings.seed,
+                 "mask": settings.mask if mask is not None else None, **settings.sampler_kwargs()}
+    directory = units.task_directory(checkpoint_dir, f"{task}-{units.safe_name(settings.split)}", described)
+    if task not in self._inverse_fns:
+      network = make_network(experiment.model.apply, train=False)
+      kwargs = settings.sampler_kwargs()
+
+      def complete(params, key, truth):
+        # The unconditional score; a class-conditional model gives it at its null class.
+        label = (None if not experiment.num_classes else
+                 jnp.full(truth.shape[:1], experiment.num_classes, jnp.int32))
+        score_fn = make_score_fn(network, params, sde, experiment.parameterization, label=label)
+        if mask is not None:
+          x, info = guidance.inpaint_sample(key, sde, score_fn, truth, jnp.asarray(mask, truth.dtype), **kwargs)
+          return truth, x, info.nfe
+        grey = controllable.grey_of(truth)
+        x, info = guidance.colorize_sample(key, sde, score_fn, grey, **kwargs)
+        return jnp.broadcast_to(grey, truth.shape), x, info.nfe
+
+      self._inverse_fns[task] = jax.jit(complete)
+    complete = self._inverse_fns[task]
+    # The test images in the model's space: the training scaler of their levels (cell centres if it dequantizes).
+    offset = 0.5 if self.scaler.dequantized else 0.0
+
+    def batches():
+      covered = 0
+      for index, batch in enumerate(stream):
+        if covered >= num_examples:
+          return
+        levels = np.asarray(stream.scaler.to_levels(batch["x"]), np.float32)
+        num_valid = min(levels.shape[0], num_examples - covered)
+        covered += num_valid
+        yield index, np.asarray(self.scaler.forward(levels + offset), np.float32), np.asarray(batch["label"]), num_valid
+
+    started = time.perf_counter()
+    try:
+      result = controllable.inverse_problem(lambda key, truth: complete(params, key, truth), batches(), directory,
+                                            key=jax.random.fold_in(jax.random.key(self.settings.seed), INVERSE_KEY),
+                                            num_examples=num_examples, progress_bar=self.settings.progress_bar)
+    finally:
+      stream.close()
+    truth, completed = result["truth"], result["completed"]
+    region = np.broadcast_to(mask < 1, truth.shape) if mask is not None else np.ones(truth.shape, bool)
+    error = (completed - truth)[region]
+    out = {"task": task, "split": settings.split, "num_examples": int(truth.shape[0]), "mask": described["mask"],
+           "sampler": settings.sampler_kwargs(), "nfe": int(result["nfe"].max()),
+           "mse": float(np.mean(error**2)),  # Over the generated values, in model space.
+           "observed_preserved": bool(np.all((completed == truth)[~region])) if mask is not None else None,
+           "directory": directory}
+    judge = self._digits_judge()
+    if judge is not None:
+      out["completed"] = self._judged(judge, completed, result["label"])
+      out["truth"] = self._judged(judge, truth, result["label"])
+    if settings.grid_size:
+      images, columns = controllable.inverse_grid(result, settings.grid_size, mask)
+      out["grid"] = os.path.join(directory, "grid.png")
+      io.write_png(out["grid"], visualize.image_grid(np.asarray(self.scaler.to_uint8(images)), columns=2 * columns))
+    out["seconds"] = time.perf_counter() - started
     io.write_json(os.path.join(directory, "results.json"), out)
     return out
 
