@@ -18,27 +18,9 @@ import tensorflow_datasets as tfds
 from scoreflow.data import AffineScaler, centre_crop, crop_resize, make_dataset, prepare_digits, resize, resize_small
 from scoreflow.data import tfds_source
 
+from _data_fixtures import ScoreflowTestImages
+
 DIGITS_TRAIN = 1498  # = 2 * 7 * 107
-
-
-class ScoreflowTestImages(tfds.core.GeneratorBasedBuilder):
-  """Twelve random RGB images of varying sizes (all >= 140 pixels, for the CelebA crop)."""
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=3)}))
-
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    rng = np.random.default_rng(0)
-    for index in range(12):
-      shape = (150 + index % 4, 141 + 3 * index, 3)
-      yield index, {"image": PIL.Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)), "label": index % 3}
 
 
 @pytest.fixture(scope="session")

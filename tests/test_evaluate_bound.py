@@ -183,3 +183,39 @@ def test_inpainting_task_completes_test_digits_keeping_what_is_observed(publishe
   assert again["mse"] == result["mse"]
   assert mtimes == {name: os.stat(os.path.join(result["directory"], name)).st_mtime_ns for name in batches}
   assert "inpainting (lower_half generated)" in run.report.format_results(summary["checkpoints"][0])
+
+
+def test_colorization_task_keeps_the_grey_levels_of_rgb_images(tmp_path):
+  """`eval.tasks=colorize` on a real (small) prepared tfds RGB dataset: every output's channel mean is the observed
+  grey image (to float32 round-off of the orthogonal colour transform), the colours are generated, and a grey
+  dataset is refused before any work."""
+  from _data_fixtures import ScoreflowTestImages
+
+  data_dir = tmp_path / "tfds"
+  ScoreflowTestImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  config = digits_config(tmp_path)
+  config.data.name, config.data.data_dir, config.data.image_size = "scoreflow_test_images", str(data_dir), 8
+  model = build_model(config.model.to_dict())
+  params = model.init(jax.random.key(3), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))["params"]
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [leaf + 0.05 * jax.random.normal(jax.random.key(i), leaf.shape)
+                                     for i, leaf in enumerate(leaves)])
+  path = str(tmp_path / "checkpoint_1.pth")
+  write_reference_checkpoint(path, config, params, params, step=1)
+  config.eval.init_from = path
+  config.eval.tasks = "colorize"
+  config.eval.inverse.split = "train"
+  config.eval.inverse.num_examples = 12
+  config.eval.inverse.num_steps = 3
+  config.eval.inverse.grid_size = 4
+  result = run.evaluate(config, tmp_path / "run")["checkpoints"][0]["colorize"]
+  assert result["num_examples"] == 12 and result["mask"] is None and "completed" not in result  # No digits judge.
+  saved = np.load(os.path.join(result["directory"], "batch_00000.npz"))
+  grey = saved["truth"].mean(axis=-1, keepdims=True)
+  np.testing.assert_allclose(saved["completed"].mean(axis=-1, keepdims=True), grey, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(saved["observed"], np.broadcast_to(grey, saved["truth"].shape), rtol=0, atol=1e-6)
+  assert np.abs(saved["completed"] - saved["truth"]).max() > 0.05 and os.path.isfile(result["grid"])
+  digits = digits_config(tmp_path)
+  digits.eval.tasks = "colorize"
+  with pytest.raises(ValueError, match="'colorize' needs RGB images, but the digits are grey"):
+    run.evaluate(digits, tmp_path / "run")
