@@ -25,14 +25,14 @@ a side of its own; the ratio column is the faster scoreflow side over each side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
+
+import _reference
 
 CASES = {
     # name: (scoreflow preset, image shape (H, W, C), default batch, reference-config overrides)
@@ -93,27 +93,9 @@ def scoreflow_side(case: str, batch: int, devices: int | None = None):
 
 # --- PyTorch peers. ------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _no_extension_build():
-  """Makes `torch.utils.cpp_extension.load` a no-op while the reference's `op` package is imported."""
-  import torch.utils.cpp_extension as extension
-
-  real_load = extension.load
-  extension.load = lambda *args, **kwargs: None
-  try:
-    yield
-  finally:
-    extension.load = real_load
-
-
 def reference_network(path: str, case: str):
   """score_sde_pytorch's NCSNpp with its `configs/vp/cifar10_ddpmpp_continuous.py` (plus the case's overrides)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isfile(os.path.join(path, "models", "ncsnpp.py")):
-    raise SystemExit(f"error: --reference {path} is not a score_sde_pytorch checkout (no models/ncsnpp.py).")
-  sys.path.insert(0, path)
-  with _no_extension_build():
-    import op  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  _reference.add_reference(path)
   from configs.vp import cifar10_ddpmpp_continuous  # pylint: disable=import-outside-toplevel
   from models import ncsnpp  # pylint: disable=import-outside-toplevel
 

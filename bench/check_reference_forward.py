@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+import _reference
+
 DIGITS = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
 
 # name: (scoreflow spec, reference config module, reference config overrides {section: {field: value}},
@@ -104,26 +106,8 @@ POWER = {
 POWER_MIN = 1e-3
 
 
-@contextlib.contextmanager
-def _no_extension_build():
-  """Makes `torch.utils.cpp_extension.load` a no-op while the reference's `op` package is imported."""
-  import torch.utils.cpp_extension as extension  # pylint: disable=import-outside-toplevel
-
-  real_load = extension.load
-  extension.load = lambda *args, **kwargs: None
-  try:
-    yield
-  finally:
-    extension.load = real_load
-
-
 def import_reference(path: str):
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isfile(os.path.join(path, "models", "ncsnpp.py")):
-    raise SystemExit(f"error: --reference {path} is not a score_sde_pytorch checkout (no models/ncsnpp.py).")
-  sys.path.insert(0, path)
-  with _no_extension_build():
-    import op  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  _reference.add_reference(path)
   from models import ddpm, ema, ncsnpp, up_or_down_sampling  # pylint: disable=import-outside-toplevel
 
   # Its FIR filters are float32 tensors (exact: multiples of 1/64); cast them to the input's dtype so that the
