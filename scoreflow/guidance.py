@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from scoreflow.parameterization import score_to_x0
-from scoreflow.sampling import CORRECTORS, PREDICTORS, Corrector, Predictor, SampleInfo, time_grid
+from scoreflow.sampling import Corrector, Predictor, SampleInfo, pc_sample
 from scoreflow.sde import AbstractSDE
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -347,26 +347,6 @@ def linear_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, A, y, noise_std, *
 
 # --- Replacement samplers: inpainting and colorization. --------------------------------------------------------
 
-def _choose(owner: str, name: str, value, table):
-  if isinstance(value, str):
-    if value not in table:
-      raise ValueError(f"{owner}: unknown {name} {value!r}; choose one of {sorted(table)}.")
-    return table[value]
-  if name == "predictor" and not isinstance(value, Predictor):
-    raise ValueError(f"{owner}: predictor must be a name in {sorted(table)} or a scoreflow.sampling.Predictor, "
-                     f"got {value!r}.")
-  if name == "corrector" and not isinstance(value, Corrector):
-    raise ValueError(f"{owner}: corrector must be a name in {sorted(table)} or a scoreflow.sampling.Corrector, "
-                     f"got {value!r}.")
-  return value
-
-
-def _check_int(owner: str, name: str, value, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{owner}: {name} must be a Python int >= {minimum} (it fixes the loop length, so it is "
-                     f"static), got {value!r}.")
-
-
 def _check_mask(owner: str, mask, shape) -> jax.Array:
   """The boolean mask (broadcast to `shape`) of a 0/1 (or boolean) `mask` whose shape broadcasts to `shape`."""
   mask = jnp.asarray(mask)
@@ -382,81 +362,26 @@ def _check_mask(owner: str, mask, shape) -> jax.Array:
   return jnp.broadcast_to(mask != 0, shape)
 
 
-def _replacement_pc_sample(owner, key, sde, score_fn, y, observed, *, predictor, corrector, num_steps, snr,
-                           n_corrector_steps, eps, denoise, corrector_first, dtype):
-  """Predictor-corrector sampling with the observed coordinates replaced by a forward-noised `y` after every
-  predictor and corrector step, and set exactly to `y` at the end. `y, observed: [B, *D]`."""
-  predictor = _choose(owner, "predictor", predictor, PREDICTORS)
-  corrector = _choose(owner, "corrector", corrector, CORRECTORS)
-  _check_int(owner, "num_steps", num_steps, 1)
-  _check_int(owner, "n_corrector_steps", n_corrector_steps, 0)
-  snr_value = _concrete(snr)
-  if snr_value is not None and (np.ndim(snr_value) != 0 or not snr_value > 0):
-    raise ValueError(f"{owner}: snr must be a scalar > 0, got {np.asarray(snr_value).tolist()}.")
-  times = time_grid(sde, num_steps, eps, "uniform", dtype)  # Checks eps in (0, T).
-  time_dtype = times.dtype
+def _replacement_pc_sample(owner, key, sde, score_fn, y, observed, *, dtype, **pc_options):
+  """:func:`~scoreflow.sampling.pc_sample` with the observed coordinates replaced by a forward-noised `y` after
+  every predictor and corrector step (its `project` hook), and set exactly to `y` at the end. `y, observed:
+  [B, *D]`; `pc_options`: the sampler's keyword arguments (checked by it)."""
+  del owner  # pc_sample's checks name it.
   y = y.astype(dtype)
 
-  def score_in_dtype(x, t):
-    return score_fn(x, t).astype(x.dtype)
-
-  def batch_time(t, x):
-    return jnp.full(x.shape[:1], t, time_dtype)
-
-  run_predictor = predictor.nfe > 0
-  run_corrector = corrector.nfe_per_step > 0 and n_corrector_steps > 0
-
   def replace(key, x, t):
-    # Step 2 of each update: the observed coordinates become a fresh draw of x_t | x_0 = y.
-    noisy = sde.alpha(t).astype(dtype) * y + sde.sigma(t).astype(dtype) * jax.random.normal(key, x.shape, dtype)
-    return jnp.where(observed, noisy, x)
+    # The observed coordinates become a fresh draw of x_t | x_0 = y.
+    noisy = _per_example(sde.alpha(t), x) * y + _per_example(sde.sigma(t), x) * jax.random.normal(key, x.shape, dtype)
+    return jnp.where(observed, noisy.astype(dtype), x)
 
-  def predict(key, x, t, t_next):
-    key_update, key_replace = jax.random.split(key)
-    x, _ = predictor.update(key_update, sde, score_in_dtype, x, batch_time(t, x), batch_time(t_next, x))
-    return replace(key_replace, x, t_next)
-
-  def correct(key, x, t, alpha):
-    def one_step(i, x):
-      key_update, key_replace = jax.random.split(jax.random.fold_in(key, i))
-      x, _ = corrector.update(key_update, sde, score_in_dtype, x, batch_time(t, x), snr=snr, n_steps=1,
-                              alpha=batch_time(alpha, x))
-      return replace(key_replace, x, t)
-
-    return jax.lax.fori_loop(0, n_corrector_steps, one_step, x)
-
-  def step(x, inputs):
-    step_key, t, t_next = inputs
-    key_predictor, key_corrector = jax.random.split(step_key)
-    # The one-step signal factor (alpha(t) / alpha(t_next))^2 that scales the Langevin step, as in pc_sample.
-    alpha = jnp.exp(2 * (sde.log_alpha(t) - sde.log_alpha(t_next)))
-    if corrector_first and run_predictor:
-      if run_corrector:
-        x = correct(key_corrector, x, t, alpha)
-      x = predict(key_predictor, x, t, t_next)
-    else:
-      if run_predictor:
-        x = predict(key_predictor, x, t, t_next)
-      if run_corrector:
-        x = correct(key_corrector, x, t_next, alpha)
-    return x, None
-
-  # 1. Start from the prior, with the observed coordinates drawn from x_T | x_0 = y.
+  # Start from the prior, with the observed coordinates drawn from x_T | x_0 = y.
   key_init, key_replace, key_steps = jax.random.split(key, 3)
-  x = replace(key_replace, sde.prior_sample(key_init, y.shape, dtype), times[0])
-  # 2. Predictor and corrector steps, each followed by the replacement.
-  x, _ = jax.lax.scan(step, x, (jax.random.split(key_steps, num_steps), times[:-1], times[1:]))
-  nfe = num_steps * (predictor.nfe * run_predictor + corrector.nfe_per_step * n_corrector_steps * run_corrector)
-  # 3. Optionally denoise (Tweedie) the whole state; then put the observation back exactly (the 2021 code returned
-  #    the noise-free mean of the unmasked update here, so its observed pixels drifted).
-  if denoise:
-    t_eps = batch_time(times[-1], x)
-    x = score_to_x0(sde, score_in_dtype(x, t_eps), x, t_eps).astype(dtype)
-    nfe += 1
-  x = jnp.where(observed, y, x)
-  info = SampleInfo(nfe=jnp.asarray(nfe, jnp.int32), num_steps=jnp.asarray(num_steps, jnp.int32),
-                    num_rejected_steps=jnp.zeros((), jnp.int32), status=jnp.zeros((), jnp.int32))
-  return x, info
+  t_start = jnp.full(y.shape[:1], sde.T, jnp.promote_types(dtype, jnp.float32))
+  x_T = replace(key_replace, sde.prior_sample(key_init, y.shape, dtype), t_start)
+  x, info = pc_sample(key_steps, sde, score_fn, y.shape, x_T=x_T, project=replace, dtype=dtype, **pc_options)
+  # Put the observation back exactly, after the optional denoising (the 2021 code returned the noise-free mean of
+  # the unmasked update here, so its observed pixels drifted).
+  return jnp.where(observed, y, x), info
 
 
 def _sample_dtype(owner: str, x, dtype):

@@ -480,7 +480,7 @@ def test_bad_input_raises_clear_errors():
     inpaint_sample(key, VP, score_fn, y, jnp.ones((4, 3)), predictor="heun", num_steps=2)
   with pytest.raises(ValueError, match="num_steps must be a Python int"):
     inpaint_sample(key, VP, score_fn, y, jnp.ones((4, 3)), num_steps=0)
-  with pytest.raises(ValueError, match="snr must be a scalar > 0"):
+  with pytest.raises(ValueError, match=r"snr must be a scalar in \(0"):
     inpaint_sample(key, VP, score_fn, y, jnp.ones((4, 3)), num_steps=2, snr=-1.0)
   with pytest.raises(ValueError, match="eps"):
     inpaint_sample(key, VP, score_fn, y, jnp.ones((4, 3)), num_steps=2, eps=2.0)

@@ -2,6 +2,8 @@ r"""Predictor-corrector sampling of the reverse-time SDE (Song et al. 2021, Algo
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -16,7 +18,9 @@ def pc_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *,
               predictor: str | Predictor = "reverse_diffusion",
               corrector: str | Corrector = "langevin",
               num_steps: int = 1000, snr=0.16, n_corrector_steps: int = 1, eps=1e-3, denoise: bool = True,
-              dtype=jnp.float32, corrector_first: bool = False, x_T=None) -> tuple[jax.Array, SampleInfo]:
+              dtype=jnp.float32, corrector_first: bool = False, x_T=None,
+              project: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
+              ) -> tuple[jax.Array, SampleInfo]:
   r"""Samples the reverse SDE with a predictor-corrector scheme, as one `lax.scan`.
 
   On the grid :math:`T = t_0 > t_1 > \dots > t_N = \epsilon` (uniform in `t`), starting from
@@ -58,6 +62,10 @@ def pc_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *,
     dtype: floating dtype of the samples (and of the times passed to `score_fn`).
     corrector_first: run the corrector before the predictor at each level (the 2021 code's order).
     x_T: optional initial state `[B, *D]` replacing the prior draw (e.g. to compare samplers on shared noise).
+    project: optional `project(key, x [B, *D], t [B]) -> x`, applied after every predictor step (at its end time)
+      and after every single corrector step: a constraint on the state, e.g. inpainting's replacement of the
+      observed values by a fresh forward-noised observation (:func:`scoreflow.inpaint_sample`). With it the
+      corrector's `n_corrector_steps` run one at a time.
 
   Returns:
     `(x, info)`: samples `[B, *D]` in `dtype` and a :class:`~scoreflow.sampling.SampleInfo` with
@@ -94,15 +102,25 @@ def pc_sample(key, sde: AbstractSDE, score_fn: ScoreFn, shape, *,
   def correct(key, x, t, alpha):
     if not run_corrector:
       return x
-    x, _ = corrector.update(key, sde, score_fn, x, _common.batch_time(t, x), snr=snr, n_steps=n_corrector_steps,
-                            alpha=_common.batch_time(alpha, x))
-    return x
+    if project is None:
+      x, _ = corrector.update(key, sde, score_fn, x, _common.batch_time(t, x), snr=snr, n_steps=n_corrector_steps,
+                              alpha=_common.batch_time(alpha, x))
+      return x
+
+    def one_step(i, x):
+      key_update, key_project = jax.random.split(jax.random.fold_in(key, i))
+      x, _ = corrector.update(key_update, sde, score_fn, x, _common.batch_time(t, x), snr=snr, n_steps=1,
+                              alpha=_common.batch_time(alpha, x))
+      return project(key_project, x, _common.batch_time(t, x))
+
+    return jax.lax.fori_loop(0, n_corrector_steps, one_step, x)
 
   def predict(key, x, t, t_next):
     if not run_predictor:
       return x
-    x, _ = predictor.update(key, sde, score_fn, x, _common.batch_time(t, x), _common.batch_time(t_next, x))
-    return x
+    key_update, key_project = jax.random.split(key) if project is not None else (key, None)
+    x, _ = predictor.update(key_update, sde, score_fn, x, _common.batch_time(t, x), _common.batch_time(t_next, x))
+    return x if project is None else project(key_project, x, _common.batch_time(t_next, x))
 
   def step(x, inputs):
     step_key, t, t_next = inputs
