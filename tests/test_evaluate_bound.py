@@ -35,6 +35,7 @@ def digits_config(tmp_path, **model):
   config.eval.tasks = "bound"
   config.eval.batch_size = BATCH
   config.eval.bound.num_examples = NUM_EXAMPLES  # Two batches, the second padded.
+  config.eval.bound.num_samples = 2  # Draws of (u, t, noise) averaged per example.
   return config
 
 
@@ -74,7 +75,7 @@ def expected_bounds(config, params, seed):
     values = stream.scaler.to_levels(batch["x"])
     bounds.append(sf.continuous_bound_bpd(jax.random.fold_in(jax.random.fold_in(key, index), 0), values, score_fn,
                                           experiment.sampling_sde, scale=float(unit.scale), shift=float(unit.shift),
-                                          num_levels=unit.num_levels, eps=1e-5))
+                                          num_levels=unit.num_levels, eps=1e-5, num_samples=2))
   stream.close()
   return np.concatenate(bounds)[:NUM_EXAMPLES]
 
@@ -142,7 +143,7 @@ def test_ddpm_bound_task_is_the_ddpm_vlb(tmp_path):
   config.eval.init_from = path
   record = run.evaluate(config, tmp_path / "ddpm")["checkpoints"][0]
   bound = record["bound"]
-  assert bound["kind"] == "ddpm_vlb" and bound["nfe_mean"] == 8
+  assert bound["kind"] == "ddpm_vlb" and bound["nfe_mean"] == 8  # One network call per step of the chain.
   experiment = build_experiment(config)
   network = make_network(experiment.model.apply, train=False)
   stream = make_dataset("digits", "test", data_dir=config.data.data_dir, global_batch_size=BATCH, shuffle=False,

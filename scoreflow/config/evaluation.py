@@ -32,7 +32,7 @@ def eval_config() -> ml_collections.ConfigDict:
       cache_dir="", progress_bar=True, allow_config_mismatch=False, init_from="",
       bpd=dict(split="test", num_examples=0, num_repeats=1, divergence="hutchinson", probe="rademacher",
                num_probes=1, rtol=1e-5, atol=1e-5, eps=1e-5, solver="dopri5", max_steps=4096, per_example=False),
-      bound=dict(split="test", num_examples=0, num_samples=1, eps=1e-5, importance_sampling=True, decoder=True,
+      bound=dict(split="test", num_examples=0, num_samples=8, eps=1e-5, importance_sampling=True, decoder=True,
                  ddpm_estimator="exact", ddpm_variance="beta", ddpm_clip_x0=False),
       samples=dict(num_samples=50000, shard_size=500, grid_size=64),
       conditional=dict(guidance_scales="0,1,3", samples_per_class=100, shard_size=500, grid_columns=10),
