@@ -13,13 +13,18 @@ Sections (each is read in one place, `scoreflow.config`):
   sde: the forward process. `name`: vp, subvp, ve, cosine_vp (continuous SDEs) or ddpm, smld (discrete
     chains with `num_scales` levels); each takes the fields it needs (beta_*, sigma_*, cosine_*).
   model: a preset of `scoreflow.models.PRESETS` expanded into its fields (so that each can be overridden), see
-    `model_config`.
+    `model_config`. `num_classes`: 0 for an unconditional score network; C > 0 makes it class-conditional (a learned
+    class embedding added to the noise embedding, labels 0..C-1 from the dataset, C the null class "unconditional"
+    of classifier-free guidance; samples are drawn one row per class); for a noise-conditional classifier preset
+    (`classifier_digits`, `classifier_cifar10`) the number of logits.
   parameterization: what the network predicts: score, eps, x0, v or edm; its noise conditioning is the model's
     `noise_conditioning` kind, with `time_scale` multiplying t for the "time" kind (999 in the paper);
     `sigma_data`, the data's standard deviation that edm's preconditioning and the edm loss's weighting assume.
   loss: dsm (Eq. 7: `weighting` sigma2 or likelihood, `importance_sampling`, `reduce_mean` over dimensions,
     smallest time `eps`, `t_sampling` iid/stratified/antithetic), edm, ddpm (the DDPM chain's simple loss) or
-    smld (NCSN's loss on the SMLD ladder).
+    smld (NCSN's loss on the SMLD ladder), or classifier (the noise-conditional classifier of classifier guidance:
+    cross-entropy of the labels at x_t ~ p_t(x_t | x_0), t ~ U[`eps`, T]; needs a classifier model preset and a
+    continuous SDE; the run logs accuracy on the noisy batches and draws no samples).
   optim: Adam/AdamW, peak `learning_rate`, linear warm-up over `warmup_steps`, global-norm `grad_clip`
     (0 disables), `schedule` constant/cosine/linear decaying to `final_lr_ratio` at the end.
   training: global `batch_size` (over all devices and hosts), `num_train_steps` (a resumed run may raise it unless
@@ -27,9 +32,11 @@ Sections (each is read in one place, `scoreflow.config`):
     interval must be a multiple of it; keep 1 on CPU, where XLA runs convolutions inside a loop body far slower:
     bench/RESULTS.md), EMA `ema_rate` and `ema_warmup`, `nonfinite` ("skip" a step with a
     non-finite loss, gradient or update, or "halt"), `compute_dtype` (float32, or bfloat16 for mixed precision on
-    accelerators; no float16, which would need loss scaling), intervals `log_every`, `checkpoint_every` (periodic
-    checkpoints, `keep_checkpoints` kept), `snapshot_every` (preemption snapshot), `sample_every` (sample grids; 0 =
-    only at the end).
+    accelerators; no float16, which would need loss scaling), `label_dropout` (probability in [0, 1) that a
+    class-conditional model trains a label as the null class, so one network learns the conditional and the
+    unconditional score for classifier-free guidance; 0 for unconditional models), intervals `log_every`,
+    `checkpoint_every` (periodic checkpoints, `keep_checkpoints` kept), `snapshot_every` (preemption snapshot),
+    `sample_every` (sample grids; 0 = only at the end).
   sampling: in-training samples: `method` pc (`predictor`, `corrector`, `num_steps`, `snr`,
     `n_corrector_steps`), ode (`ode_method`, `rtol`, `atol`, `ode_error_control` example|batch), ddim
     (`num_steps`, `eta`), edm (Karras et al.'s Heun
@@ -57,8 +64,9 @@ from scoreflow.models import PRESETS
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
-  """`config.model` for a preset of `scoreflow.models.PRESETS`, expanded so that every field can be overridden."""
-  return ml_collections.ConfigDict({"preset": preset, **PRESETS[preset], **overrides})
+  """`config.model` for a preset of `scoreflow.models.PRESETS`, expanded so that every field can be overridden
+  (`num_classes` included: 0, unconditional, unless the preset or `overrides` say otherwise)."""
+  return ml_collections.ConfigDict({"preset": preset, "num_classes": 0, **PRESETS[preset], **overrides})
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -88,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.training = ml_collections.ConfigDict(dict(
       batch_size=128, num_train_steps=1_300_000, steps_per_call=1, ema_rate=0.9999, ema_warmup=False,
       nonfinite="skip", compute_dtype="float32", log_every=50, checkpoint_every=50_000, snapshot_every=10_000,
-      keep_checkpoints=3, async_checkpointing=True, sample_every=50_000, progress_bar=True))
+      keep_checkpoints=3, async_checkpointing=True, sample_every=50_000, progress_bar=True, label_dropout=0.0))
 
   config.sampling = ml_collections.ConfigDict(dict(
       method="pc", predictor="euler_maruyama", corrector="none", num_steps=1000, snr=0.16, n_corrector_steps=1,

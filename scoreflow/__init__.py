@@ -17,6 +17,7 @@ from scoreflow.parameterization import NoiseConditioning as NoiseConditioning
 from scoreflow.parameterization import ScoreParameterization as ScoreParameterization
 from scoreflow.parameterization import VParameterization as VParameterization
 from scoreflow.parameterization import eps_to_score as eps_to_score
+from scoreflow.parameterization import make_conditional_score_fn as make_conditional_score_fn
 from scoreflow.parameterization import make_score_fn as make_score_fn
 from scoreflow.parameterization import score_to_eps as score_to_eps
 from scoreflow.parameterization import score_to_v as score_to_v
@@ -29,6 +30,7 @@ from scoreflow.losses import ddpm_loss as ddpm_loss
 from scoreflow.losses import dsm_likelihood_bound as dsm_likelihood_bound
 from scoreflow.losses import dsm_loss as dsm_loss
 from scoreflow.losses import edm_loss as edm_loss
+from scoreflow.losses import noisy_classifier_loss as noisy_classifier_loss
 from scoreflow.losses import sample_uniform as sample_uniform
 from scoreflow.losses import smld_loss as smld_loss
 

@@ -16,6 +16,9 @@ the loss an upper bound on the negative log-likelihood; Song, Durkan, Murray, Er
 :math:`g^2/\sigma^2 = -d\lambda_{\rm SNR}/dt`, drawing :math:`t \propto g^2/\sigma^2` is drawing the log-SNR
 uniformly, so importance sampling inverts :meth:`~scoreflow.sde.AbstractSDE.log_snr` in closed form and the
 per-example weight becomes the constant :math:`(\lambda_{\rm SNR}(\epsilon) - \lambda_{\rm SNR}(T))/(T-\epsilon)`.
+
+:func:`noisy_classifier_loss` trains the noise-conditional classifier of classifier guidance (Song et al. 2021,
+Sec. 5): the cross-entropy of the labels at perturbed data.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from scoreflow._validation import check_hyperparameters, per_example
+from scoreflow.parameterization import check_classifier_labels
 from scoreflow.sde import AbstractSDE, DDPMChain, SMLDChain
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -39,6 +43,7 @@ class LossAux(NamedTuple):
 
   per_example: jax.Array  # [B] per-example loss (its mean is the scalar loss).
   t: jax.Array  # [B] sampled times (or integer levels for the discrete losses).
+  correct: jax.Array | None = None  # [B] 1.0 where a classifier's argmax is the label (classifier losses only).
 
 
 def sample_uniform(key, batch_size: int, method: TimeSampling = "iid", dtype=jnp.float32):
@@ -316,3 +321,60 @@ def edm_loss(key, x0, score_fn: ScoreFn, sde: AbstractSDE, *, p_mean: float = -1
   residual = _reduce((per_example(sigma_t, x0) * score_fn(x_t, t) + noise) ** 2, reduce_mean)
   per_example_loss = weight * residual
   return jnp.mean(per_example_loss), LossAux(per_example_loss, t)
+
+
+def noisy_classifier_loss(key, x0, labels, logits_fn: Callable[[jax.Array, jax.Array], jax.Array], sde: AbstractSDE,
+                          *, eps: float = 1e-5):
+  r"""Cross-entropy of a time-dependent classifier on perturbed data (Song et al. 2021, Sec. 5 and App. I.1):
+
+  .. math:: \ell(x_0, y) = -\log p_\phi(y \mid x_t, t) = \log\textstyle\sum_c e^{f_c(x_t, t)} - f_y(x_t, t),
+      \quad t \sim U[\epsilon, T],\ x_t \sim p_t(x_t \mid x_0) = N(\alpha_t x_0, \sigma_t^2 I).
+
+  Its expectation is minimised by the exact noisy posterior :math:`p_t(y \mid x_t)` of the data's labels, whose
+  gradient is what classifier guidance adds to the score; there the loss is the conditional entropy
+  :math:`E_t\,H(y \mid x_t)`, and any other classifier exceeds it by :math:`E_t\,KL(p_t(y \mid x_t)\,\|\,p_\phi)`.
+
+  Args:
+    key: PRNG key.
+    x0: data, `[B, *D]`, floating.
+    labels: the classes of `x0`, int `[B]` in `0 .. C - 1`.
+    logits_fn: `logits_fn(x_t [B, *D], t [B]) -> [B, C]` (see
+      :func:`scoreflow.parameterization.make_logits_fn`).
+    sde: the forward process.
+    eps: smallest time sampled, in `(0, T)`.
+
+  Returns:
+    `(loss, LossAux(per_example [B] cross-entropies in nats, t [B], correct [B]))`, `correct` being 1.0 where the
+    argmax of the logits is the label (its mean is the accuracy on the noisy batch).
+
+  Raises:
+    ValueError: bad shapes or dtypes of `x0` or `labels` (concrete labels must lie in `0 .. C - 1`), logits that
+      are not `[B, C]`, `eps` outside `(0, T)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, scoreflow as sf
+    >>> logits_fn = lambda x, t: jnp.stack([x[:, 0], -x[:, 0]], axis=1)
+    >>> loss, aux = sf.noisy_classifier_loss(jax.random.key(0), jnp.ones((4, 2)), jnp.zeros(4, jnp.int32),
+    ...                                      logits_fn, sf.VPSDE())
+    >>> aux.per_example.shape, aux.correct.shape
+    ((4,), (4,))
+  """
+  _check_data("noisy_classifier_loss", x0)
+  _check_eps("noisy_classifier_loss", sde, eps)
+  labels = jnp.asarray(labels)
+  if labels.ndim != 1 or labels.shape[0] != x0.shape[0]:
+    raise ValueError(f"noisy_classifier_loss: labels must have shape [B] = ({x0.shape[0]},) to match x0, got shape "
+                     f"{labels.shape}.")
+  key_t, key_noise = jax.random.split(key)
+  t, _ = _sample_times(key_t, sde, x0.shape[0], eps, False, "iid", x0.dtype)
+  x_t, _ = sde.sample_marginal(key_noise, x0, t)
+  logits = logits_fn(x_t, t)
+  if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
+    raise ValueError(f"noisy_classifier_loss: logits_fn must return logits [B, C] = ({x0.shape[0]}, C), got shape "
+                     f"{logits.shape}.")
+  labels = check_classifier_labels("noisy_classifier_loss", labels, x0.shape[0], logits.shape[1])
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  label_logits = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  per_example_loss = jax.nn.logsumexp(logits, axis=1) - label_logits
+  correct = (jnp.argmax(logits, axis=1) == labels).astype(logits.dtype)
+  return jnp.mean(per_example_loss), LossAux(per_example_loss, t, correct)

@@ -16,7 +16,9 @@ For every process here :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon`, so a netwo
 
 The free functions convert between these quantities exactly; a parameterization object also says what the
 network sees (its input scaling and its noise conditioning), and :func:`make_score_fn` turns
-`(apply_fn, params)` into the `score_fn(x, t)` that every loss, sampler and likelihood takes.
+`(apply_fn, params)` into the `score_fn(x, t)` that every loss, sampler and likelihood takes
+(:func:`make_conditional_score_fn`: a class-conditional network as `cond_score_fn(x, t, label)`;
+:func:`make_classifier_log_prob_fn`: a noise-conditional classifier as :math:`\log p_t(y \mid x)`).
 
 Shapes: `x, output, score: [B, *D]`; `t: [B]` or scalar.
 """
@@ -24,10 +26,11 @@ Shapes: `x, output, score: [B, *D]`; `t: [B]` or scalar.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scoreflow._validation import as_float_time, check_hyperparameters, per_example
 from scoreflow._pytree import pytree_dataclass, static_field
@@ -236,18 +239,22 @@ class EDMPreconditioning(AbstractParameterization):
     return (denoised - per_example(c_skip / alpha, x) * x) / per_example(c_out, x)
 
 
-ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+ApplyFn = Callable[..., jax.Array]
 
 
-def make_score_fn(apply_fn: ApplyFn, params, sde: AbstractSDE, parameterization: AbstractParameterization):
-  """Turns a network into the `score_fn(x, t) -> [B, *D]` that losses, samplers and likelihoods take.
+def make_score_fn(apply_fn: ApplyFn, params, sde: AbstractSDE, parameterization: AbstractParameterization,
+                  label=None):
+  r"""Turns a network into the `score_fn(x, t) -> [B, *D]` that losses, samplers and likelihoods take.
 
   Args:
     apply_fn: `apply_fn(params, x_in [B, *D], conditioning [B]) -> output [B, *D]`, e.g. a Flax
-      module's `apply` (add `train=False` or rngs with `functools.partial`).
+      module's `apply` (add `train=False` or rngs with `functools.partial`); with a `label` it is called as
+      `apply_fn(params, x_in, conditioning, label=label)`.
     params: the network's parameters (any pytree).
     sde: the forward process.
     parameterization: what the network predicts (e.g. :class:`EpsilonParameterization`).
+    label: for a class-conditional network, the class, int `[B]` (or a scalar); None for an unconditional one.
+      The score is then that of :math:`p_t(x \mid y)`.
 
   Returns:
     A pure function of `(x, t)`; differentiate with respect to `params` by calling `make_score_fn` inside the
@@ -261,9 +268,132 @@ def make_score_fn(apply_fn: ApplyFn, params, sde: AbstractSDE, parameterization:
     >>> score_fn(jnp.ones((2, 3)), jnp.array([0.5, 0.5])).shape
     (2, 3)
   """
+  extra = {} if label is None else {"label": label}
 
   def score_fn(x, t):
     x_in, conditioning = parameterization.network_inputs(sde, x, t)
-    return parameterization.to_score(sde, apply_fn(params, x_in, conditioning), x, t)
+    return parameterization.to_score(sde, apply_fn(params, x_in, conditioning, **extra), x, t)
 
   return score_fn
+
+
+def make_conditional_score_fn(apply_fn: ApplyFn, params, sde: AbstractSDE,
+                              parameterization: AbstractParameterization):
+  r"""A class-conditional network as `cond_score_fn(x [B, *D], t [B], label [B]) -> [B, *D]`, the
+  :math:`\nabla_x\log p_t(x \mid y)` that :func:`scoreflow.guidance.classifier_free_score` takes.
+
+  `label` runs over `0 .. num_classes`, where `num_classes` (the network's null class) asks for the unconditional
+  score: pass `null_label=num_classes` to `classifier_free_score`. The labels are an argument of the returned
+  function (not closed over), so one compiled sampler serves every class.
+
+  Args:
+    apply_fn: `apply_fn(params, x_in, conditioning, label=label) -> output [B, *D]`.
+    params: the network's parameters.
+    sde: the forward process.
+    parameterization: what the network predicts.
+
+  Example:
+    >>> import jax.numpy as jnp, scoreflow as sf
+    >>> from scoreflow.guidance import classifier_free_score
+    >>> apply_fn = lambda params, x, c, label: params * x * label[:, None]   # a toy "network"
+    >>> cond_score_fn = sf.make_conditional_score_fn(apply_fn, 1.0, sf.VPSDE(), sf.ScoreParameterization())
+    >>> score_fn = classifier_free_score(cond_score_fn, 2, guidance_scale=0.0, null_label=10)
+    >>> score_fn(jnp.ones((1, 2)), jnp.array([0.5])).tolist()
+    [[2.0, 2.0]]
+  """
+
+  def cond_score_fn(x, t, label):
+    return make_score_fn(apply_fn, params, sde, parameterization, label=label)(x, t)
+
+  return cond_score_fn
+
+
+def classifier_inputs(sde: AbstractSDE, conditioning: AbstractParameterization | NoiseConditioning, x, t):
+  """What a noise-conditional classifier sees at `(x, t)`: `(x_in [B, *D], cond [B])`.
+
+  With a parameterization, its :meth:`~AbstractParameterization.network_inputs` (the score network's inputs, so a
+  classifier and a score network of one run read `t` alike); with a bare :class:`NoiseConditioning`, `(x, cond(t))`.
+  """
+  if isinstance(conditioning, AbstractParameterization):
+    return conditioning.network_inputs(sde, x, t)
+  if isinstance(conditioning, NoiseConditioning):
+    t = jnp.broadcast_to(as_float_time(t), x.shape[:1])
+    return x, conditioning(sde, t)
+  raise ValueError(f"classifier inputs: parameterization_or_conditioning must be a parameterization (e.g. "
+                   f"EpsilonParameterization()) or a NoiseConditioning, got {type(conditioning).__name__}.")
+
+
+def make_logits_fn(apply_fn: ApplyFn, params, sde: AbstractSDE,
+                   parameterization_or_conditioning: AbstractParameterization | NoiseConditioning):
+  """A noise-conditional classifier as `logits_fn(x [B, *D], t [B] or scalar) -> [B, num_classes]`, the model
+  function of :func:`scoreflow.losses.noisy_classifier_loss`.
+
+  Args:
+    apply_fn: `apply_fn(params, x_in, cond) -> logits [B, num_classes]`.
+    params: the classifier's parameters.
+    sde: the forward process whose marginals the classifier was trained on.
+    parameterization_or_conditioning: how `t` becomes the classifier's `cond` (see :func:`classifier_inputs`).
+  """
+  if not isinstance(parameterization_or_conditioning, (AbstractParameterization, NoiseConditioning)):
+    raise ValueError(f"make_logits_fn: parameterization_or_conditioning must be a parameterization (e.g. "
+                     f"EpsilonParameterization()) or a NoiseConditioning, got "
+                     f"{type(parameterization_or_conditioning).__name__}.")
+
+  def logits_fn(x, t):
+    return apply_fn(params, *classifier_inputs(sde, parameterization_or_conditioning, x, t))
+
+  return logits_fn
+
+
+def make_classifier_log_prob_fn(apply_fn: ApplyFn, params, sde: AbstractSDE,
+                                parameterization_or_conditioning: AbstractParameterization | NoiseConditioning):
+  r"""A noise-conditional classifier as `log_prob_y_fn(x [B, *D], t [B], labels [B]) -> [B]`:
+
+  .. math:: \log p_t(y \mid x) = \mathrm{logits}_y(x, t) - \log\textstyle\sum_c \exp \mathrm{logits}_c(x, t).
+
+  Close over the labels to get what :func:`scoreflow.guidance.classifier_guided_score` takes:
+  `classifier_guided_score(score_fn, functools.partial(log_prob_y_fn, labels=labels), scale)`.
+
+  Args:
+    apply_fn: `apply_fn(params, x_in, cond) -> logits [B, num_classes]` (e.g.
+      `lambda p, x, c: classifier.apply({"params": p}, x, c)`).
+    params: the classifier's parameters.
+    sde: the forward process whose marginals the classifier was trained on.
+    parameterization_or_conditioning: the parameterization (or bare :class:`NoiseConditioning`) it was trained
+      with, which says how `t` becomes its `cond`.
+
+  Returns:
+    `log_prob_y_fn(x, t, labels)`; `labels`: int `[B]` (or a scalar) in `0 .. num_classes - 1`.
+
+  Raises:
+    ValueError: (when called) non-integer labels or labels of another shape than scalar or `[B]`; concrete
+      labels outside `0 .. num_classes - 1`.
+  """
+  logits_fn = make_logits_fn(apply_fn, params, sde, parameterization_or_conditioning)
+
+  def log_prob_y_fn(x, t, labels):
+    logits = logits_fn(x, t)
+    labels = check_classifier_labels("make_classifier_log_prob_fn", labels, logits.shape[0], logits.shape[-1])
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+    return jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+  return log_prob_y_fn
+
+
+def check_classifier_labels(owner: str, labels, batch_size: int, num_classes: int):
+  """Class labels for a classifier as int `[B]` (a scalar is broadcast); concrete values must lie in
+  `0 .. num_classes - 1`."""
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"{owner}: labels must be integers, got dtype {labels.dtype}; e.g. jnp.asarray(y, jnp.int32).")
+  if labels.ndim == 0:
+    labels = jnp.broadcast_to(labels, (batch_size,))
+  if labels.shape != (batch_size,):
+    raise ValueError(f"{owner}: labels must have shape [B] = ({batch_size},) (or be a scalar), got shape "
+                     f"{labels.shape}.")
+  if not isinstance(labels, jax.core.Tracer):
+    values = np.asarray(labels)
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+      raise ValueError(f"{owner}: labels must lie in 0..{num_classes - 1} for {num_classes} classes, got values "
+                       f"from {values.min()} to {values.max()}.")
+  return labels

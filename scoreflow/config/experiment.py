@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import optax
 
 from scoreflow import sampling
-from scoreflow.data.toy import TOY_DATASETS
-from scoreflow.models import PRESETS, build_model
+from scoreflow.data.toy import TOY_DATASETS, TOY_NUM_CLASSES
+from scoreflow.guidance import classifier_free_score
+from scoreflow.models import PRESETS, build_model, init_kwargs, is_classifier
 from scoreflow.parameterization import (AbstractParameterization, DataParameterization, EDMPreconditioning,
                                         EpsilonParameterization, NoiseConditioning, ScoreParameterization,
-                                        VParameterization, make_score_fn)
+                                        VParameterization, make_conditional_score_fn, make_score_fn)
 from scoreflow.sde import VESDE, VPSDE, CosineVPSDE, DDPMChain, SMLDChain, SubVPSDE
 from scoreflow.config.fields import ConfigError, config_choice, config_field, config_float, config_int
 from scoreflow.train import sharding
@@ -52,6 +53,7 @@ LOSS_FIELDS: dict[str, tuple[str, ...]] = {
     "edm": ("p_mean", "p_std", "eps", "reduce_mean"),  # + sigma_data, from config.parameterization.
     "ddpm": ("reduce_mean", "t_sampling"),
     "smld": ("reduce_mean", "t_sampling"),
+    "classifier": ("eps",),  # The noise-conditional classifier of classifier guidance (noisy_classifier_loss).
 }
 
 # sampling method -> (sampler, the config.sampling fields it takes, with the sampler's argument names).
@@ -120,6 +122,7 @@ class TrainingSettings:
   async_checkpointing: bool = True
   sample_every: int = 0
   progress_bar: bool = True
+  label_dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +172,10 @@ class Experiment:
     compute_dtype: forward-pass dtype cast by the train step for models without a `dtype` field, else None.
     optimizer, learning_rate_fn: the optax transformation and its learning-rate schedule.
     training, data, sampler: the run's settings.
+    num_classes: `config.model.num_classes`: the classes of a class-conditional score network (0: unconditional;
+      the null class is `num_classes`), or the logits of a noise-conditional classifier (`loss="classifier"`).
+    label_dropout: `config.training.label_dropout`, the probability in [0, 1) of training a label as the null
+      class (classifier-free guidance).
   """
 
   seed: int
@@ -184,25 +191,94 @@ class Experiment:
   training: TrainingSettings
   data: DataSettings
   sampler: SamplerSettings
+  num_classes: int = 0
+  label_dropout: float = 0.0
+
+  @property
+  def is_classifier(self) -> bool:
+    """Whether the run trains a noise-conditional classifier (no samples) rather than a score network."""
+    return self.loss == "classifier"
+
+  @property
+  def is_conditional(self) -> bool:
+    """Whether the run trains a class-conditional score network (`num_classes > 0`)."""
+    return self.num_classes > 0 and not self.is_classifier
+
+  def _check_score_model(self, method: str) -> None:
+    if self.is_classifier:
+      raise ValueError(f"Experiment.{method}: this run trains a noise-conditional classifier "
+                       "(config.loss.name='classifier'), which draws no samples; guide a score model with it through "
+                       "scoreflow.parameterization.make_classifier_log_prob_fn and guidance.classifier_guided_score.")
+
+  def _run_sampler(self, key, shape, score_fn):
+    method, fields = self.sampler.method, self.sampler.kwargs
+    return SAMPLERS[method][0](key, self.sampling_sde, score_fn, shape, **fields)
 
   def make_sample_fn(self) -> Callable:
-    """`sample(key, params) -> (x [N, *D], info)` for a given data shape (pure; jit it)."""
-    method, fields = self.sampler.method, self.sampler.kwargs
-    sampler = SAMPLERS[method][0]
+    """`sample(key, params, shape) -> (x [N, *D], info)`: samples with the config's sampler (pure; jit it).
+
+    A class-conditional model (`num_classes > 0`) samples its unconditional score, the null class `num_classes`,
+    which label dropout trained; use :meth:`make_conditional_sample_fn` for classes.
+
+    Raises:
+      ValueError: for a classifier run, or a class-conditional model trained without label dropout (its null class
+        was never trained).
+    """
+    self._check_score_model("make_sample_fn")
+    if self.is_conditional and self.label_dropout == 0:
+      raise ValueError(f"Experiment.make_sample_fn: this class-conditional model (num_classes={self.num_classes}) was "
+                       "trained with config.training.label_dropout=0, so its null class (unconditional) is untrained; "
+                       "sample classes with make_conditional_sample_fn(guidance_scale=0.0).")
 
     def sample(key, params, shape):
       network = make_network(self.model.apply, train=False)
-      score_fn = make_score_fn(network, params, self.sampling_sde, self.parameterization)
-      return sampler(key, self.sampling_sde, score_fn, shape, **fields)
+      label = jnp.full(shape[:1], self.num_classes, jnp.int32) if self.is_conditional else None
+      score_fn = make_score_fn(network, params, self.sampling_sde, self.parameterization, label=label)
+      return self._run_sampler(key, shape, score_fn)
+
+    return sample
+
+  def make_conditional_sample_fn(self, guidance_scale) -> Callable:
+    r"""`sample(key, params, shape, labels [N]) -> (x [N, *D], info)`: class-conditional samples with the config's
+    sampler from the classifier-free guided score (Ho & Salimans 2022)
+
+    .. math:: \tilde s = (1 + w)\,s_\theta(x, t \mid y) - w\,s_\theta(x, t \mid \varnothing),
+
+    :func:`scoreflow.guidance.classifier_free_score` of :func:`scoreflow.make_conditional_score_fn` with
+    `null_label=num_classes`. Pure; jit it (the labels are an argument, so one program serves every class).
+
+    Args:
+      guidance_scale: :math:`w \ge 0`, a scalar or `[N]`; 0 samples the plain conditional score.
+
+    Raises:
+      ValueError: for an unconditional model (`num_classes == 0`) or a classifier run; when called, labels that are
+        not int `[N]`.
+    """
+    self._check_score_model("make_conditional_sample_fn")
+    if not self.is_conditional:
+      raise ValueError("Experiment.make_conditional_sample_fn: the model is unconditional (config.model.num_classes=0);"
+                       " train a class-conditional one (config.model.num_classes > 0), or use make_sample_fn.")
+
+    def sample(key, params, shape, labels):
+      labels = jnp.asarray(labels)
+      if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != tuple(shape[:1]):
+        raise ValueError(f"conditional sample: labels must be integers of shape [N] = {tuple(shape[:1])}, got dtype "
+                         f"{labels.dtype} and shape {labels.shape}.")
+      network = make_network(self.model.apply, train=False)
+      cond_score_fn = make_conditional_score_fn(network, params, self.sampling_sde, self.parameterization)
+      score_fn = classifier_free_score(cond_score_fn, labels, guidance_scale, null_label=self.num_classes)
+      return self._run_sampler(key, shape, score_fn)
 
     return sample
 
   def init_train_state(self, element_shape: tuple[int, ...], key) -> TrainState:
-    """A fresh TrainState: parameters from `model.init` on a zero batch of one `element_shape` example, the
-    optimizer's state and the state's RNG, from the two halves of `key`."""
+    """A fresh TrainState: parameters from `model.init` on a zero batch of one `element_shape` example (with the
+    null label for a class-conditional network), the optimizer's state and the state's RNG, from the two halves of
+    `key`."""
     init_key, state_key = jax.random.split(key)
     x = jnp.zeros((1, *element_shape), jnp.float32)
-    params = self.model.init({"params": init_key}, x, jnp.zeros((1,), jnp.float32), train=False)["params"]
+    params = self.model.init({"params": init_key}, x, jnp.zeros((1,), jnp.float32), train=False,
+                             **init_kwargs(self.model, 1))["params"]
     return TrainState.create(params, self.optimizer, state_key)
 
   def abstract_train_state(self, element_shape: tuple[int, ...], mesh) -> TrainState:
@@ -258,6 +334,7 @@ def build_training(config) -> TrainingSettings:
   settings["compute_dtype"] = COMPUTE_DTYPES[config_choice(config, "training.compute_dtype", COMPUTE_DTYPES)]
   settings["async_checkpointing"] = bool(config_field(config, "training.async_checkpointing"))
   settings["progress_bar"] = bool(config_field(config, "training.progress_bar"))
+  settings["label_dropout"] = config_float(config, "training.label_dropout", 0.0, 1.0, high_open=True)
   return TrainingSettings(**settings)
 
 
@@ -318,6 +395,10 @@ def build_loss(config, sde_name: str, process):
     raise ConfigError(f"config.loss.name={name!r} is a continuous-time loss but config.sde.name={sde_name!r} is a "
                       f"discrete chain; use config.loss.name={sde_name!r}, or a continuous SDE (vp, subvp, ve, "
                       "cosine_vp).")
+  if name == "classifier" and sde_name in CHAINS:
+    raise ConfigError(f"config.loss.name='classifier' trains a noise-conditional classifier on a continuous SDE's "
+                      f"marginals, but config.sde.name={sde_name!r} is a discrete chain; use vp, subvp, ve or "
+                      "cosine_vp.")
   if name in CHAINS and sde_name != name:
     raise ConfigError(f"config.loss.name={name!r} trains the {name.upper()} chain and needs config.sde.name="
                       f"{name!r}, got {sde_name!r}.")
@@ -380,6 +461,31 @@ def build_sampler(config, sampling_sde) -> SamplerSettings:
                          use_ema=bool(config_field(config, "sampling.use_ema")))
 
 
+def build_classes(model, loss: str, data: DataSettings, training: TrainingSettings) -> int:
+  """`config.model.num_classes`, checked against the loss, the label dropout and the dataset's labels."""
+  num_classes = int(getattr(model, "num_classes", 0))
+  classifier = is_classifier(model)
+  if loss == "classifier" and not classifier:
+    raise ConfigError("config.loss.name='classifier' trains a noise-conditional classifier and needs "
+                      "config.model.architecture='classifier' (e.g. config.model = model_config('classifier_digits')), "
+                      f"got a {type(model).__name__}.")
+  if classifier and loss != "classifier":
+    raise ConfigError(f"config.model is a noise-conditional classifier, which config.loss.name={loss!r} cannot train "
+                      "(it outputs logits, not a score); set config.loss.name='classifier'.")
+  if training.label_dropout > 0 and (num_classes == 0 or classifier):
+    raise ConfigError(f"config.training.label_dropout={training.label_dropout} drops labels to the null class of a "
+                      "class-conditional score network and needs config.model.num_classes > 0 (and a score loss); "
+                      "set it to 0.0.")
+  known = TOY_NUM_CLASSES.get(data.name)
+  if known is not None and num_classes > 0 and num_classes < known:
+    raise ConfigError(f"config.model.num_classes={num_classes} is smaller than the {known} classes (labels "
+                      f"0..{known - 1}) of the toy dataset {data.name!r}; set config.model.num_classes={known}.")
+  if known == 1 and num_classes > 0:
+    raise ConfigError(f"the toy dataset {data.name!r} has no classes (every label is 0), so config.model.num_classes="
+                      f"{num_classes} would train nothing conditional; use eight_gaussians or gaussian_mixture, or 0.")
+  return num_classes
+
+
 def build_experiment(config) -> Experiment:
   """Checks `config` and builds every object of a training run (no device work, no data access).
 
@@ -395,8 +501,10 @@ def build_experiment(config) -> Experiment:
   model, compute_dtype = build_model_from_config(config, training.compute_dtype)
   parameterization = build_parameterization(config, model, process)
   loss, loss_kwargs = build_loss(config, sde_name, process)
+  num_classes = build_classes(model, loss, data, training)
   optimizer, rate = build_optimizer(config, training.num_train_steps)
   sampler = build_sampler(config, sampling_sde)
   return Experiment(seed=seed, process=process, model=model, parameterization=parameterization,
                     sampling_sde=sampling_sde, loss=loss, loss_kwargs=loss_kwargs, compute_dtype=compute_dtype,
-                    optimizer=optimizer, learning_rate_fn=rate, training=training, data=data, sampler=sampler)
+                    optimizer=optimizer, learning_rate_fn=rate, training=training, data=data, sampler=sampler,
+                    num_classes=num_classes, label_dropout=training.label_dropout)

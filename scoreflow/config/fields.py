@@ -84,7 +84,7 @@ def field_matches(name: str, patterns) -> bool:
 
 
 # Fields added to configs/default.py after runs were saved, with the value a saved config without them meant.
-ADDED_FIELDS = {"sde.ve_kernel": "exact"}
+ADDED_FIELDS = {"sde.ve_kernel": "exact", "model.num_classes": 0, "training.label_dropout": 0.0}
 # Fields removed since (their meaning moved): a saved config may still hold them.
 RETIRED_FIELDS = {"loss.sigma_data": "config.parameterization.sigma_data"}
 

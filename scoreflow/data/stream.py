@@ -3,7 +3,8 @@ r"""Input pipelines: deterministic, per-process sharded, resumable batch streams
 :func:`make_dataset` returns a :class:`DataIterator` over dicts `{"x": float32 [B_local, *D],
 "label": int32 [B_local]}` with `B_local = global_batch_size // process_count`, for
 
-* the toy densities of :mod:`scoreflow.data.toy` (infinite streams, labels zero; global batch `k` is drawn
+* the toy densities of :mod:`scoreflow.data.toy` (infinite streams; labels are a mixture's component, zero for
+  the other densities, see :func:`~scoreflow.data.toy.sample_toy_labelled`; global batch `k` is drawn
   from `(seed, split, k)` and each process keeps its block of it),
 * `"digits"`: scikit-learn's 8x8 digits through the tfds builder of :mod:`scoreflow.data.digits`
   (prepared into `data_dir` on first use),
@@ -176,10 +177,9 @@ class _ToyBatch:
 
   def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(self.entropy + (batch_index,))
-    points = toy.sample_toy(self.name, rng, self.global_batch_size)
+    points, labels = toy.sample_toy_labelled(self.name, rng, self.global_batch_size)
     start = self.process_index * self.local_batch_size
-    return {"x": points[start:start + self.local_batch_size],
-            "label": np.zeros((self.local_batch_size,), np.int32)}
+    return {"x": points[start:start + self.local_batch_size], "label": labels[start:start + self.local_batch_size]}
 
 
 # ----------------------------------------------------------------------------------------------------------

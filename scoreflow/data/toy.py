@@ -19,6 +19,11 @@ for the swiss roll), so samples have mean 0 and variance 1 along each axis up to
   exact log-density through :func:`toy_mixture`.
 
 Samplers use NumPy (the input pipeline runs on the host) and are deterministic given a seed.
+
+Labels. The two Gaussian mixtures label each point with the component it was drawn from (`0 .. K - 1`, taken from
+the same draw, so the points are those of :func:`sample_toy`): :func:`sample_toy_labelled`, whose labels the batch
+stream carries, and :func:`toy_labelled_mixture`, the exact joint :math:`p(x, y)` with its noisy posteriors
+:math:`p_t(y \mid x)`. The other densities have one class, label 0. :data:`TOY_NUM_CLASSES` lists the counts.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from scoreflow.testing.analytic import GaussianMixture
+from scoreflow.testing.analytic import GaussianMixture, LabelledGaussianMixture
 
 TOY_DATASETS = ("checkerboard", "two_moons", "eight_gaussians", "swiss_roll", "gaussian_mixture")
+# The classes of each toy density's labels: a mixture's components; 1 (every label 0) for the others.
+TOY_NUM_CLASSES = {"checkerboard": 1, "two_moons": 1, "eight_gaussians": 8, "swiss_roll": 1, "gaussian_mixture": 3}
 
 _TWO_MOONS_NOISE = 0.1
 _SWISS_ROLL_NOISE = 0.5
@@ -96,6 +103,15 @@ _TWO_MOONS_MEAN, _TWO_MOONS_STD = _two_moons_moments()
 _SWISS_ROLL_MEAN, _SWISS_ROLL_STD = _swiss_roll_moments()
 
 
+def _unlabelled(sampler):
+  """A sampler of an unlabelled density as `(points, labels = 0)`."""
+
+  def sample(rng, num_samples):
+    return sampler(rng, num_samples), np.zeros((num_samples,), np.int64)
+
+  return sample
+
+
 def _checkerboard(rng, num_samples):
   x = rng.uniform(-2.0, 2.0, num_samples)
   column = np.floor(x).astype(np.int64) + 2  # 0 .. 3
@@ -126,16 +142,17 @@ def _mixture_sampler(name):
 
   def sample(rng, num_samples):
     component = rng.choice(len(weights), size=num_samples, p=weights)
-    return means[component] + stds[component] * rng.standard_normal((num_samples, 2))
+    return means[component] + stds[component] * rng.standard_normal((num_samples, 2)), component
 
   return sample
 
 
+# name -> sampler(rng, n) -> (points [n, 2] float64, labels [n] int).
 _SAMPLERS = {
-    "checkerboard": _checkerboard,
-    "two_moons": _two_moons,
+    "checkerboard": _unlabelled(_checkerboard),
+    "two_moons": _unlabelled(_two_moons),
     "eight_gaussians": _mixture_sampler("eight_gaussians"),
-    "swiss_roll": _swiss_roll,
+    "swiss_roll": _unlabelled(_swiss_roll),
     "gaussian_mixture": _mixture_sampler("gaussian_mixture"),
 }
 
@@ -164,11 +181,34 @@ def sample_toy(name: str, seed_or_rng: int | np.random.Generator, num_samples: i
     >>> sample_toy("two_moons", 0, 3).shape
     (3, 2)
   """
+  return sample_toy_labelled(name, seed_or_rng, num_samples)[0]
+
+
+def sample_toy_labelled(name: str, seed_or_rng: int | np.random.Generator,
+                        num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+  """Draws `num_samples` points of a toy density with their labels.
+
+  The points are exactly those of :func:`sample_toy` for the same seed (or generator state); the labels come from
+  the same draw: a mixture's component index (`eight_gaussians`: 0..7 counter-clockwise from the positive x-axis;
+  `gaussian_mixture`: 0..2 in the order of its weights 0.5, 0.3, 0.2), 0 for the other densities.
+
+  Returns:
+    `(points float32 [num_samples, 2], labels int32 [num_samples])`.
+
+  Raises:
+    ValueError: for an unknown name or a negative `num_samples`.
+
+  Example:
+    >>> points, labels = sample_toy_labelled("eight_gaussians", 0, 3)
+    >>> points.shape, labels.dtype
+    ((3, 2), dtype('int32'))
+  """
   _check_name(name)
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
     raise ValueError(f"sample_toy: num_samples must be an int >= 0, got {num_samples!r}.")
   rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
-  return _SAMPLERS[name](rng, int(num_samples)).astype(np.float32)
+  points, labels = _SAMPLERS[name](rng, int(num_samples))
+  return points.astype(np.float32), labels.astype(np.int32)
 
 
 def toy_mixture(name: str, dtype=jnp.float32) -> GaussianMixture:
@@ -190,3 +230,15 @@ def toy_mixture(name: str, dtype=jnp.float32) -> GaussianMixture:
                      f"{name!r}, which has no closed-form mixture.")
   weights, means, stds = _MIXTURES[name]
   return GaussianMixture(jnp.asarray(weights, dtype), jnp.asarray(means, dtype), jnp.asarray(stds, dtype))
+
+
+def toy_labelled_mixture(name: str, dtype=jnp.float32) -> LabelledGaussianMixture:
+  r"""The exact joint :math:`p(x, y)` of a mixture toy density whose label is the component, as a
+  :class:`~scoreflow.testing.LabelledGaussianMixture` (component `k` has label `k`): exact class-conditional scores
+  and noisy posteriors :math:`p_t(y \mid x)` at every diffusion time.
+
+  Raises:
+    ValueError: for a toy density that is not a Gaussian mixture or an unknown name.
+  """
+  mixture = toy_mixture(name, dtype)
+  return LabelledGaussianMixture(mixture, jnp.arange(mixture.weights.shape[0], dtype=jnp.int32))

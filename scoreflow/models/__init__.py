@@ -18,10 +18,13 @@ EMA copies and optimizer states are ordinary pytrees that `jax.jit`, `jax.grad`,
 as NNX's mutable objects would need. Flax 0.12 supports Linen without deprecation warnings.
 
 Names:
-  :class:`UNet`, :class:`ScoreMLP`: the networks.
+  :class:`UNet`, :class:`ScoreMLP`: the score networks (class-conditional with `num_classes > 0`: then called
+  with `label=` int `[B]`, `num_classes` being the null class).
+  :class:`NoiseConditionalClassifier`: logits of p_t(y | x_t) for classifier guidance.
   :data:`PRESETS`, :func:`build_model`, :data:`ARCHITECTURES`: named configurations (the paper's CIFAR-10,
   CelebA-64 and small CPU models) and the one table from config to module.
-  :func:`count_parameters`: parameter count from shapes alone.
+  :func:`count_parameters`: parameter count from shapes alone; :func:`init_kwargs`: what `init` needs besides
+  `(x, cond)` (a label for a class-conditional network); :func:`is_classifier`.
   :mod:`scoreflow.models.layers`: embeddings, FIR resampling, residual and attention blocks.
   :func:`from_score_sde_pytorch`, :func:`from_score_sde_flax` (and their inverses :func:`to_score_sde_pytorch`,
   :func:`to_score_sde_flax`): the published score_sde checkpoints (PyTorch `.pth`, Flax msgpack) as UNet params
@@ -32,9 +35,12 @@ from scoreflow.models.importers import from_score_sde_flax as from_score_sde_fla
 from scoreflow.models.importers import from_score_sde_pytorch as from_score_sde_pytorch
 from scoreflow.models.importers import to_score_sde_flax as to_score_sde_flax
 from scoreflow.models.importers import to_score_sde_pytorch as to_score_sde_pytorch
+from scoreflow.models.classifier import NoiseConditionalClassifier as NoiseConditionalClassifier
 from scoreflow.models.mlp import ScoreMLP as ScoreMLP
 from scoreflow.models.presets import ARCHITECTURES as ARCHITECTURES
 from scoreflow.models.presets import PRESETS as PRESETS
 from scoreflow.models.presets import build_model as build_model
 from scoreflow.models.presets import count_parameters as count_parameters
+from scoreflow.models.presets import init_kwargs as init_kwargs
+from scoreflow.models.presets import is_classifier as is_classifier
 from scoreflow.models.unet import UNet as UNet

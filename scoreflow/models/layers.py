@@ -210,6 +210,78 @@ def broadcast_conditioning(owner: str, cond, batch_size: int):
   return cond
 
 
+def check_num_classes(owner: str, num_classes) -> None:
+  """Validates a network's `num_classes` field at construction: an int >= 0 (0: no class conditioning)."""
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 0:
+    raise ValueError(f"{owner}: num_classes must be an int >= 0 (0: an unconditional network), got {num_classes!r}.")
+
+
+def class_labels(owner: str, label, num_classes: int, batch_size: int):
+  """A class-conditional network's `label` as int `[B]`, checked against `num_classes` at trace time.
+
+  Labels take the values `0 .. num_classes`, where `num_classes` is the null class ("unconditional") of
+  classifier-free guidance. A scalar is broadcast to the batch. Values are checked when they are concrete
+  (outside `jit`); a traced out-of-range label (negative or above `num_classes`) reads a NaN row of the embedding
+  (:class:`ClassEmbedding`), so the output is NaN rather than silently another class's.
+
+  Returns:
+    None for an unconditional network (`num_classes == 0`, `label is None`), else int `[B]`.
+
+  Raises:
+    ValueError: a label for an unconditional network, no label for a conditional one, a non-integer label, a
+      shape other than scalar or `[B]`, or a concrete value outside `0 .. num_classes`.
+  """
+  if num_classes == 0:
+    if label is not None:
+      raise ValueError(f"{owner}: got a class label, but this network is unconditional (num_classes=0); pass "
+                       "label=None, or build the network with num_classes > 0 to condition it on classes.")
+    return None
+  if label is None:
+    raise ValueError(f"{owner}: this network is class-conditional (num_classes={num_classes}) and needs label, int "
+                     f"[B] in 0..{num_classes} (the last, {num_classes}, is the null class: 'unconditional'); got "
+                     "None.")
+  label = jnp.asarray(label)
+  if not jnp.issubdtype(label.dtype, jnp.integer):
+    raise ValueError(f"{owner}: label must be an integer array of shape [B], got dtype {label.dtype}; e.g. "
+                     "jnp.asarray(labels, jnp.int32).")
+  if label.ndim == 0:
+    label = jnp.broadcast_to(label, (batch_size,))
+  if label.shape != (batch_size,):
+    raise ValueError(f"{owner}: label must have shape [B] = ({batch_size},) to match x (or be a scalar), got "
+                     f"shape {label.shape}.")
+  if not isinstance(label, jax.core.Tracer):
+    values = np.asarray(label)
+    if values.size and (values.min() < 0 or values.max() > num_classes):
+      raise ValueError(f"{owner}: labels must lie in 0..{num_classes} (num_classes={num_classes} classes, and "
+                       f"{num_classes} for the null class), got values from {values.min()} to {values.max()}.")
+  return label
+
+
+class ClassEmbedding(nn.Module):
+  r"""A learned embedding of class labels, one row per class plus the null class (Ho & Salimans 2022).
+
+  `label: [B]` in `0 .. num_classes` -> `[B, features]`; row `num_classes` is the null class, "unconditional";
+  any other label gives a row of NaN.
+  Rows start as :math:`N(0, 1)` draws (PyTorch's `nn.Embedding`, as in the class-conditional U-Net of Dhariwal &
+  Nichol 2021), the scale of the noise embedding they are added to.
+
+  Parameters: `embedding`, `[num_classes + 1, features]`.
+  """
+
+  num_classes: int
+  features: int
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, label):
+    table = self.param("embedding", nn.initializers.normal(stddev=1.0), (self.num_classes + 1, self.features),
+                       jnp.float32)
+    dtype = self.dtype if self.dtype is not None else table.dtype
+    # Out-of-range labels (negative ones included, which jnp.take would wrap) read NaN rows.
+    label = jnp.where(label < 0, self.num_classes + 1, label)
+    return jnp.take(table.astype(dtype), label, axis=0, mode="fill", fill_value=jnp.nan)
+
+
 class NoiseEmbedding(nn.Module):
   """Embeds the conditioning input, then a two-layer SiLU MLP (the DDPM/NCSN++ time embedding).
 

@@ -43,6 +43,15 @@ Small presets for a CPU: `ddpmpp_digits` and `ncsnpp_digits` (8x8x1 scikit-learn
 ch_mult (1, 2), one block per level, attention at 4x4; about 0.75 M parameters) and `mlp_toy` (2-D densities:
 width 256, 3 residual blocks; 0.69 M parameters).
 
+Class conditioning: every score preset is unconditional (`num_classes=0`, no class embedding); pass
+`num_classes=C` to add one (see :class:`~scoreflow.models.UNet`), e.g. `build_model("ddpmpp_digits", num_classes=10)`.
+
+Noise-conditional classifiers (`architecture="classifier"`, :class:`~scoreflow.models.NoiseConditionalClassifier`,
+the U-Net's downsampling path with global pooling and `num_classes` logits), for classifier guidance:
+`classifier_digits` (8x8x1 digits, 10 classes: nf 32, ch_mult (1, 2), one block per level, attention at 4x4, DDPM++
+blocks and the `999 t` embedding) and `classifier_cifar10` (32x32x3, 10 classes: nf 128, ch_mult (1, 2, 2, 2), two
+blocks per level, attention at 16x16).
+
 Conditioning: each preset's `noise_conditioning` must equal the `kind` of the parameterization's
 `NoiseConditioning` (see :class:`~scoreflow.models.UNet`). The 2021 repository's CelebA 64x64 NCSN++ was the
 discrete SMLD variant (sinusoidal embedding of the level index); get it with the overrides
@@ -64,10 +73,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from scoreflow.models.classifier import NoiseConditionalClassifier
 from scoreflow.models.mlp import ScoreMLP
 from scoreflow.models.unet import UNet
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": ScoreMLP}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": ScoreMLP, "classifier": NoiseConditionalClassifier}
 
 _CIFAR10_UNET = dict(
     architecture="unet", nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
@@ -96,7 +106,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ncsnpp_digits": dict(_NCSNPP, **_DIGITS),
     "mlp_toy": dict(architecture="mlp", width=256, depth=3, embedding_type="positional", embedding_dim=128,
                     noise_conditioning="time", scale_by_sigma=False, dropout=0.0, init_scale=0.0),
+    "classifier_digits": dict(architecture="classifier", num_classes=10, nf=32, ch_mult=(1, 2), num_res_blocks=1,
+                              attn_resolutions=(4,), dropout=0.1, embedding_type="positional",
+                              noise_conditioning="time", resblock_type="biggan", skip_rescale=True, fir=False,
+                              centered=True),
+    "classifier_cifar10": dict(architecture="classifier", num_classes=10, nf=128, ch_mult=(1, 2, 2, 2),
+                               num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, embedding_type="positional",
+                               noise_conditioning="time", resblock_type="biggan", skip_rescale=True, fir=False,
+                               centered=True),
 }
+
+
+def is_classifier(model: nn.Module) -> bool:
+  """Whether `model` is a noise-conditional classifier (logits out) rather than a score network."""
+  return isinstance(model, NoiseConditionalClassifier)
+
+
+def model_num_classes(model: nn.Module) -> int:
+  """The classes a model knows: a score network's `num_classes` (0: unconditional), a classifier's logits."""
+  return int(getattr(model, "num_classes", 0))
 
 
 def _as_static(value):
@@ -116,7 +144,7 @@ def build_model(spec: str | Mapping[str, Any], **overrides) -> nn.Module:
     **overrides: constructor arguments applied last. A string `dtype` (e.g. `"bfloat16"`) is converted.
 
   Returns:
-    An unbound Flax module (`UNet` or `ScoreMLP`).
+    An unbound Flax module (`UNet`, `ScoreMLP` or `NoiseConditionalClassifier`).
 
   Raises:
     ValueError: for an unknown preset or architecture, or an argument the architecture does not take (an
@@ -155,10 +183,19 @@ def build_model(spec: str | Mapping[str, Any], **overrides) -> nn.Module:
   return cls(**kwargs)
 
 
+def init_kwargs(model: nn.Module, batch_size: int) -> dict[str, Any]:
+  """The extra arguments `model.init` needs besides `(x, cond)`: labels (the null class) for a class-conditional
+  score network, nothing otherwise."""
+  if not is_classifier(model) and model_num_classes(model) > 0:
+    return {"label": jnp.full((batch_size,), model_num_classes(model), jnp.int32)}
+  return {}
+
+
 def count_parameters(model: nn.Module, input_shape: tuple[int, ...], cond_dtype=jnp.float32) -> int:
   """The number of parameters of `model` for inputs of shape `[B, *D]`, from shapes only (`jax.eval_shape`:
   nothing is allocated or compiled)."""
   x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
   cond = jax.ShapeDtypeStruct(tuple(input_shape[:1]), cond_dtype)
-  variables = jax.eval_shape(lambda x, cond: model.init(jax.random.key(0), x, cond), x, cond)
+  kwargs = init_kwargs(model, input_shape[0])
+  variables = jax.eval_shape(lambda x, cond: model.init(jax.random.key(0), x, cond, **kwargs), x, cond)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"]))

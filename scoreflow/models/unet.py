@@ -31,6 +31,12 @@ DDPM's sinusoidal embedding of the timestep. With `scale_by_sigma=True` the outp
 unit scale; it is refused at construction for the other kinds. With `"sigma"` the conditioning must be
 positive (VE's marginal standard deviation is 0 at `t = 0`: sample `t` in `[eps, T]`).
 
+Class conditioning. With `num_classes = C > 0` the network also takes `label: [B]` in `0 .. C` and adds a learned
+class embedding (:class:`~scoreflow.models.layers.ClassEmbedding`, `C + 1` rows of width `4 nf`) to the noise
+embedding before it enters the residual blocks, :math:`t_{emb} \leftarrow t_{emb} + E[y]`; row `C` is the null
+class, "unconditional", which label dropout trains for classifier-free guidance (Ho & Salimans 2022). With
+`num_classes = 0` (every preset) there is no such parameter and no label.
+
 References:
   Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through Stochastic
   Differential Equations. ICLR 2021. (Appendix H.)
@@ -46,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from scoreflow.models import layers
-from scoreflow.models.layers import (AttnBlock, Combine, Downsample, NoiseEmbedding, ResnetBlockBigGAN,
-                                     ResnetBlockDDPM, Upsample, conv, group_norm)
+from scoreflow.models.layers import (AttnBlock, ClassEmbedding, Combine, Downsample, NoiseEmbedding,
+                                     ResnetBlockBigGAN, ResnetBlockDDPM, Upsample, conv, group_norm)
 
 
 def _check_choice(owner: str, name: str, value, choices) -> None:
@@ -90,6 +96,9 @@ class UNet(nn.Module):
       (0: exact zeros, so the network outputs 0 at initialisation).
     centered: inputs are in [-1, 1]; with False they are in [0, 1] and mapped by :math:`2x - 1` first.
     dtype: computation dtype (None: that of `x`); parameters are float32. The output has the dtype of `x`.
+    num_classes: class conditioning (see the module docstring): `C > 0` classes plus the null class `C`; 0 for
+      an unconditional network. A conditional network is called (and initialised) with `label=` int `[B]`, as in
+      :class:`~scoreflow.models.ScoreMLP`'s example.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -102,8 +111,8 @@ class UNet(nn.Module):
 
   Raises:
     ValueError: at construction for an unknown option or an inconsistent combination; at call time for an
-      input that is not `[B, H, W, C]` with `H = W` divisible by `2**(len(ch_mult) - 1)`, or `cond` that is
-      not `[B]`.
+      input that is not `[B, H, W, C]` with `H = W` divisible by `2**(len(ch_mult) - 1)`, `cond` that is
+      not `[B]`, or a `label` that does not fit `num_classes` (see :func:`~scoreflow.models.layers.class_labels`).
   """
 
   nf: int = 128
@@ -128,6 +137,7 @@ class UNet(nn.Module):
   init_scale: float = 0.0
   centered: bool = True
   dtype: Any = None
+  num_classes: int = 0
 
   def __post_init__(self):
     owner = "UNet"
@@ -137,6 +147,7 @@ class UNet(nn.Module):
     _check_choice(owner, "progressive_input", self.progressive_input, ("none", "input_skip", "residual"))
     _check_choice(owner, "progressive_combine", self.progressive_combine, ("sum", "cat"))
     layers.check_noise_conditioning(owner, self.noise_conditioning, self.scale_by_sigma)
+    layers.check_num_classes(owner, self.num_classes)
     if self.nf < 4 or len(self.ch_mult) < 1 or any(m < 1 for m in self.ch_mult) or self.num_res_blocks < 1:
       raise ValueError(f"UNet: need nf >= 4, a non-empty ch_mult of positive ints and num_res_blocks >= 1, got "
                        f"nf={self.nf}, ch_mult={tuple(self.ch_mult)}, num_res_blocks={self.num_res_blocks}.")
@@ -158,10 +169,12 @@ class UNet(nn.Module):
     return layers.broadcast_conditioning("UNet", cond, x.shape[0])
 
   @nn.compact
-  def __call__(self, x, cond, train: bool = False):
+  def __call__(self, x, cond, train: bool = False, label=None):
     """Args: `x: [B, H, W, C]`, `cond: [B]` (float or integer), `train`: enables dropout (a Python bool; pass
-    `rngs={"dropout": key}` to `apply` when `train=True` and `dropout > 0`). Returns `[B, H, W, C]`."""
+    `rngs={"dropout": key}` to `apply` when `train=True` and `dropout > 0`), `label`: int `[B]` in
+    `0 .. num_classes` (required when `num_classes > 0`, refused otherwise). Returns `[B, H, W, C]`."""
     cond = self._check_inputs(x, cond)
+    label = layers.class_labels("UNet", label, self.num_classes, x.shape[0])
     out_dtype = x.dtype
     dtype = self.dtype if self.dtype is not None else x.dtype
     x = x.astype(dtype)
@@ -175,6 +188,9 @@ class UNet(nn.Module):
                             self.noise_conditioning, dtype=dtype)(cond)
     else:
       temb = None
+    if label is not None:
+      class_embedding = ClassEmbedding(self.num_classes, 4 * self.nf, dtype=dtype, name="ClassEmbedding")(label)
+      temb = class_embedding if temb is None else temb + class_embedding
 
     if self.resblock_type == "ddpm":
       def resblock(out_ch=None, up=False, down=False):

@@ -7,7 +7,9 @@ then runs the compiled, sharded train step over the data stream with
 * periodic checkpoints, a frequent preemption snapshot, and a snapshot on SIGTERM;
 * a progress bar (loss, steps/s, examples/s), `workdir/metrics.jsonl` and TensorBoard event files
   (`workdir/tensorboard/`, written with tensorboardX, no TensorFlow);
-* sample grids from the EMA parameters as PNG and `.npz` in `workdir/samples/`;
+* sample grids from the EMA parameters as PNG and `.npz` in `workdir/samples/` (a class-conditional model: one
+  row per class, labels `i % num_classes`, guidance scale 0; a noise-conditional classifier draws none and logs
+  its accuracy on the noisy batches instead);
 * a summary at the end (`workdir/summary.json`, a loss curve `workdir/loss.png`).
 
 Only process 0 writes logs, pictures and summaries; every process takes part in checkpointing.
@@ -129,11 +131,33 @@ def _local(tree):
                       tree)
 
 
-def _stack_batches(dataset, count: int):
+def _stack_batches(dataset, count: int, *, labels: bool = False, num_classes: int = 0):
+  """The next `count` batches, stacked on a leading steps axis when `count > 1`: `{"x"}`, plus `{"label"}` with
+  `labels` (checked on the host against `num_classes` when it is > 0: a label the network has no row for would
+  turn its loss into NaN, and every step would be skipped)."""
   batches = [next(dataset) for _ in range(count)]
+  keys = ("x", "label") if labels else ("x",)
+  if labels and num_classes > 0:
+    for batch in batches:
+      values = np.asarray(batch["label"])
+      if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(f"the dataset's labels run from {values.min()} to {values.max()}, outside 0..{num_classes - 1}"
+                         f" for config.model.num_classes={num_classes}; set config.model.num_classes to the dataset's "
+                         "number of classes.")
   if count == 1:
-    return {"x": batches[0]["x"]}
-  return {"x": np.stack([b["x"] for b in batches])}
+    return {key: batches[0][key] for key in keys}
+  return {key: np.stack([b[key] for b in batches]) for key in keys}
+
+
+def _class_rows(images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """uint8 images `[N, H, W, C]` rearranged row-major into one row per class (`ceil(N / num_classes)` columns,
+  padded with mid-grey tiles where a class has fewer samples)."""
+  columns = -(-len(images) // num_classes)
+  tiles = np.full((num_classes * columns, *images.shape[1:]), 128, np.uint8)
+  for c in range(num_classes):
+    members = images[labels == c][:columns]
+    tiles[c * columns:c * columns + len(members)] = members
+  return visualize.image_grid(tiles, columns=columns)
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_change: bool = False,
@@ -210,19 +234,30 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     skipped_before = int(_local(state.nonfinite_steps))
 
     steps_per_call = settings.steps_per_call
+    use_labels = experiment.is_conditional or experiment.is_classifier
     objective = make_objective(model.apply, experiment.process, parameterization=experiment.parameterization,
                                loss=experiment.loss, compute_dtype=experiment.compute_dtype,
-                               **experiment.loss_kwargs)
+                               num_classes=experiment.num_classes if experiment.is_conditional else 0,
+                               label_dropout=experiment.label_dropout, **experiment.loss_kwargs)
     train_step = sharding.jit_train_step(
         make_train_step(objective, optimizer, ema_rate=settings.ema_rate, ema_warmup=settings.ema_warmup,
                         nonfinite=settings.nonfinite, steps_per_call=steps_per_call,
                         learning_rate_fn=experiment.learning_rate_fn,
-                        skipped_before=skipped_before if settings.nonfinite == "halt" else 0),
+                        skipped_before=skipped_before if settings.nonfinite == "halt" else 0, use_labels=use_labels),
         mesh, steps_per_call=steps_per_call)
 
     sample_shape = (experiment.sampler.num_samples, *element_shape)
-    sample = experiment.make_sample_fn()
-    sample_jit = jax.jit(lambda key, params: sample(key, params, sample_shape), out_shardings=replicated)
+    sample_labels = None
+    if experiment.is_classifier:  # A classifier draws no samples.
+      sample_jit = None
+    elif experiment.is_conditional:  # One row per class, at guidance scale 0 (the plain conditional score).
+      sample_labels = np.arange(sample_shape[0], dtype=np.int32) % experiment.num_classes
+      conditional_sample = experiment.make_conditional_sample_fn(0.0)
+      sample_jit = jax.jit(lambda key, params: conditional_sample(key, params, sample_shape, sample_labels),
+                           out_shardings=replicated)
+    else:
+      sample = experiment.make_sample_fn()
+      sample_jit = jax.jit(lambda key, params: sample(key, params, sample_shape), out_shardings=replicated)
     samples_dir = os.path.join(workdir, "samples")
     writer = MetricsWriter(workdir, is_main, start_step)
     cleanup.callback(writer.close)
@@ -262,8 +297,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         return True
       os.makedirs(samples_dir, exist_ok=True)
       base = os.path.join(samples_dir, f"step_{step}")
-      np.savez(base + ".npz", samples=x, **info)
-      picture = visualize.sample_picture(x, dataset.scaler)
+      if sample_labels is None:
+        np.savez(base + ".npz", samples=x, **info)
+        picture = visualize.sample_picture(x, dataset.scaler)
+      else:
+        np.savez(base + ".npz", samples=x, labels=sample_labels, **info)
+        if x.ndim == 4:
+          images = np.asarray(dataset.scaler.to_uint8(x)) if dataset.scaler is not None else \
+              np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
+          picture = _class_rows(images, sample_labels, experiment.num_classes)
+        else:
+          picture = visualize.sample_picture(x, dataset.scaler)
       visualize.save_png(picture, base + ".png")
       writer.image(step, "samples", picture)
       writer.scalars(step, {"sample_seconds": seconds, "sample_nfe": float(np.mean(info.get("nfe", np.nan)))})
@@ -282,7 +326,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     preempted = abandoned = False
     stop_note = None  # Said once every checkpoint is written (the checkpointer's close waits for them).
     while step < settings.num_train_steps:
-      batch = sharding.global_batch(_stack_batches(dataset, steps_per_call), mesh, steps_axis=steps_per_call > 1)
+      local_batch = _stack_batches(dataset, steps_per_call, labels=use_labels, num_classes=experiment.num_classes)
+      batch = sharding.global_batch(local_batch, mesh, steps_axis=steps_per_call > 1)
       if compile_seconds is None:
         started = time.perf_counter()
         state, metrics = train_step(state, batch)
@@ -302,6 +347,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         elapsed = time.perf_counter() - window_start
         steps_done = step - window_step
         record = {name: _finite_mean([m[name] for m in host]) for name in ("loss", "grad_norm")}
+        if "accuracy" in host[-1]:  # A classifier's accuracy on the noisy training batches.
+          record["accuracy"] = _finite_mean([m["accuracy"] for m in host])
         record["learning_rate"] = float(host[-1]["learning_rate"])
         record["nonfinite_steps"] = int(_local(state.nonfinite_steps))
         if steps_done > 0 and elapsed > 0:
@@ -318,7 +365,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         save(step)
       elif settings.snapshot_every and step % settings.snapshot_every == 0:
         save(step, snapshot=True)
-      if settings.sample_every and step % settings.sample_every == 0 and not final:
+      if sample_jit is not None and settings.sample_every and step % settings.sample_every == 0 and not final:
         draw_samples(step)  # Interrupted by a preemption request, it draws nothing; the check below stops.
       if preemption.reached(step) and not final:
         preempted = True
@@ -331,7 +378,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         break
     if not preempted:
       check_finite_policy()
-      if (step > start_step or not sample_paths) and not draw_samples(step):
+      if sample_jit is not None and (step > start_step or not sample_paths) and not draw_samples(step):
         preempted = abandoned = True
         stop_note = (f"Preemption requested during the final sampling: training is complete and checkpoint {step} "
                      f"is saved; the final samples were not drawn (rerun the same command to draw them).")
@@ -346,6 +393,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       "num_params": num_params, "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(),
       "batch_size": settings.batch_size, "compile_seconds": compile_seconds, "total_seconds": total_seconds,
       "final_loss": last_record["loss"] if np.isfinite(last_record.get("loss", np.nan)) else None,
+      "final_accuracy": (last_record["accuracy"] if np.isfinite(last_record.get("accuracy", np.nan)) else None)
+                        if experiment.is_classifier else None,
       "steps_per_sec": last_record.get("steps_per_sec"),
       "examples_per_sec": last_record.get("examples_per_sec"),
       "nonfinite_steps": int(_local(state.nonfinite_steps)),
@@ -398,7 +447,10 @@ def _format_summary(summary: dict) -> str:
       f"Trained {summary['step'] - summary['start_step']} steps (to step {summary['step']}) of a "
       f"{summary['num_params']:,}-parameter model on {summary['num_devices']} device(s) in "
       f"{summary['total_seconds']:.1f} s (first call with compilation: {fmt(summary['compile_seconds'], '.1f')} s).",
-      f"  final loss {fmt(summary['final_loss'], '.4g')}, {fmt(summary['steps_per_sec'], '.3g')} steps/s, "
+      f"  final loss {fmt(summary['final_loss'], '.4g')}"
+      + (f" (accuracy on noisy data {fmt(summary['final_accuracy'], '.3f')})"
+         if summary.get("final_accuracy") is not None else "")
+      + f", {fmt(summary['steps_per_sec'], '.3g')} steps/s, "
       f"{fmt(summary['examples_per_sec'], '.4g')} examples/s, {summary['nonfinite_steps']} non-finite steps skipped.",
       f"  checkpoints: {summary['checkpoints']} in {summary['workdir']}",
       f"  samples: {summary['samples']}",
