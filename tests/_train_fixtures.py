@@ -70,3 +70,24 @@ def read_checkpoint(workdir, step=None):
   args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
   restored = manager.restore(step, args=args)
   return restored["state"], restored["meta"]
+
+
+def save_fresh_run(workdir, config, element_shape, *, step: int = 1, seed: int = 0, perturb: float = 0.05):
+  """A workdir whose checkpoint `step` holds a freshly initialised state of `config`'s experiment, every parameter
+  perturbed by `perturb` standard normals (so that no zero-initialised output hides a path), with its config.json:
+  what `run_eval.py` reads, without training."""
+  from scoreflow.config import build_experiment, config_to_dict
+  from scoreflow.train import checkpoint
+
+  experiment = build_experiment(config)
+  state = experiment.init_train_state(tuple(element_shape), jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  params = jax.tree.unflatten(tree, [leaf + perturb * jax.random.normal(k, leaf.shape, leaf.dtype)
+                                     for leaf, k in zip(leaves, keys)])
+  state = state.replace(params=params, ema_params=params, step=jnp.asarray(step, jnp.int32))
+  checkpointer = checkpoint.Checkpointer(workdir, async_save=False)
+  checkpointer.save(step, state)
+  checkpointer.close()
+  checkpoint.check_workdir_config(workdir, config_to_dict(config))
+  return params

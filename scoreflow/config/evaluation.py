@@ -35,7 +35,8 @@ def eval_config() -> ml_collections.ConfigDict:
       bound=dict(split="test", num_examples=0, num_samples=8, eps=1e-5, importance_sampling=True, decoder=True,
                  ddpm_estimator="exact", ddpm_variance="beta", ddpm_clip_x0=False),
       samples=dict(num_samples=50000, shard_size=500, grid_size=64),
-      conditional=dict(guidance_scales="0,1,3", samples_per_class=100, shard_size=500, grid_columns=10),
+      conditional=dict(guidance_scales="0,1,3", samples_per_class=100, shard_size=500, grid_columns=10,
+                       classifier_workdir=""),
       inverse=dict(split="test", num_examples=0, mask="lower_half", predictor="reverse_diffusion",
                    corrector="langevin", num_steps=500, snr=0.16, n_corrector_steps=1, eps=1e-3, grid_size=16),
       fid=dict(inception_path="", reference_split="train", reference_num_examples=0, kid_reference_size=10000,
@@ -89,15 +90,18 @@ class BoundSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ConditionalSettings:
-  """`config.eval.conditional` (class-conditional models): `samples_per_class` samples of every class with the
-  sampler of `config.sampling` and classifier-free guidance at each of `guidance_scales` (w: `(1 + w) s(x|y) - w
-  s(x)`), drawn `shard_size` at a time; a grid of `grid_columns` samples per class; on digits, the digits
-  classifier's accuracy on the requested classes."""
+  """`config.eval.conditional`: `samples_per_class` samples of every class with the sampler of `config.sampling`,
+  guided at each of `guidance_scales` w, drawn `shard_size` at a time; a grid of `grid_columns` samples per class;
+  on digits, the digits classifier's accuracy on the requested classes. A class-conditional model uses
+  classifier-free guidance, `(1 + w) s(x|y) - w s(x)`; an unconditional one the noise-conditional classifier
+  trained in `classifier_workdir` (a run of `config.loss.name="classifier"`), `s(x) + (1 + w) grad log p_t(y|x)`:
+  the same score for an exact classifier, so w = 0 is the plain conditional in both."""
 
   guidance_scales: tuple[float, ...]
   samples_per_class: int
   shard_size: int
   grid_columns: int
+  classifier_workdir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,12 +329,20 @@ def _conditional_settings(config, tasks) -> ConditionalSettings:
   settings = ConditionalSettings(
       guidance_scales=scales, samples_per_class=config_int(config, "eval.conditional.samples_per_class", 1),
       shard_size=config_int(config, "eval.conditional.shard_size", 1),
-      grid_columns=config_int(config, "eval.conditional.grid_columns", 1))
+      grid_columns=config_int(config, "eval.conditional.grid_columns", 1),
+      classifier_workdir=str(config_field(config, "eval.conditional.classifier_workdir") or ""))
   num_classes = int(config.model.get("num_classes", 0) or 0) if hasattr(config.model, "get") else 0
   if "conditional" in tasks:
-    if num_classes < 1:
+    classifier = settings.classifier_workdir
+    if num_classes < 1 and not classifier:
       raise ConfigError("config.eval.tasks has 'conditional', but config.model.num_classes is 0: the model is "
-                        "unconditional. Train a class-conditional model (e.g. configs/digits_vp_conditional.py).")
+                        "unconditional. Train a class-conditional model (e.g. configs/digits_vp_conditional.py), or "
+                        "guide this one with a noise-conditional classifier: --config.eval.conditional."
+                        "classifier_workdir=RUN of a run trained with configs/digits_classifier.py.")
+    if classifier and not os.path.isfile(os.path.join(classifier, "config.json")):
+      raise ConfigError(f"config.eval.conditional.classifier_workdir={classifier!r} holds no config.json: pass the "
+                        "--workdir of a run trained with config.loss.name='classifier' (e.g. configs/"
+                        "digits_classifier.py).")
     if settings.grid_columns > settings.samples_per_class:
       raise ConfigError(f"config.eval.conditional.grid_columns={settings.grid_columns} exceeds samples_per_class="
                         f"{settings.samples_per_class}; the grid shows that many samples of every class.")

@@ -7,6 +7,7 @@ for every checkpoint. A new task is a new method here (and its settings in :mod:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -18,11 +19,12 @@ import numpy as np
 
 from scoreflow import guidance, io
 from scoreflow.data.digits import DIGITS_NAMES
-from scoreflow.parameterization import make_score_fn
+from scoreflow.parameterization import make_classifier_log_prob_fn, make_score_fn
+from scoreflow.train.checkpoint import CONFIG_FILE, Checkpointer
 from scoreflow.config.evaluation import EvalSettings
-from scoreflow.config.experiment import Experiment
+from scoreflow.config.experiment import SAMPLERS, Experiment, build_experiment
 from scoreflow.evaluate import bpd as bpd_lib
-from scoreflow.evaluate import controllable, digits_metric, inception, units
+from scoreflow.evaluate import checkpoints, controllable, digits_metric, inception, units
 from scoreflow.evaluate import reference as reference_lib
 from scoreflow.evaluate import samples as samples_lib
 from scoreflow.train import sharding, visualize
@@ -183,16 +185,61 @@ class TaskRunners:
             "accuracy_per_class": [float(correct[labels == c].mean()) for c in range(int(labels.max()) + 1)],
             "num_nonfinite": int((~finite).sum())}
 
+  def _classifier(self):
+    """`(experiment, EMA parameters, description)` of the noise-conditional classifier of
+    `eval.conditional.classifier_workdir` (its own config.json and newest intact checkpoint)."""
+    import ml_collections  # pylint: disable=g-import-not-at-top
+
+    workdir = self.settings.conditional.classifier_workdir
+    with open(os.path.join(workdir, CONFIG_FILE)) as file:
+      experiment = build_experiment(ml_collections.ConfigDict(json.load(file)))
+    if not experiment.is_classifier:
+      raise ValueError(f"config.eval.conditional.classifier_workdir={workdir!r} was trained with config.loss.name="
+                       f"{experiment.loss!r}, not 'classifier'; pass a noise-conditional classifier's run.")
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+      restored = checkpointer.restore_intact(experiment.abstract_train_state(self.element_shape, self.mesh),
+                                             report=units.say, move_aside=False)
+      if restored is None:
+        raise ValueError(f"config.eval.conditional.classifier_workdir={workdir!r} holds no checkpoint; train it "
+                         "first.")
+      state, _, step, kind = restored
+      source = checkpointer.directory(kind, step)
+    finally:
+      checkpointer.close()
+    return experiment, state.ema_params, {"checkpoint": source, "identity": checkpoints.checkpoint_identity(source)}
+
   def conditional(self, params, checkpoint_dir, record):
     settings, experiment = self.settings.conditional, self.experiment
-    num_classes = experiment.num_classes
+    guided_by = "classifier-free" if experiment.num_classes else "classifier"
+    classifier_params, described_classifier = None, None
+    if guided_by == "classifier":
+      classifier, classifier_params, described_classifier = self._classifier()
+      num_classes = classifier.num_classes
+    else:
+      num_classes = experiment.num_classes
     num_samples = settings.samples_per_class * num_classes
     if self._conditional_fn is None:
       shape = (settings.shard_size, *self.element_shape)
       split_examples = self._batch_sharding(settings.shard_size)
+      if guided_by == "classifier-free":
 
-      def draw(key, params, labels, guidance_scale):
-        return experiment.make_conditional_sample_fn(guidance_scale)(key, params, shape, labels)
+        def draw(key, params, classifier_params, labels, guidance_scale):
+          del classifier_params
+          return experiment.make_conditional_sample_fn(guidance_scale)(key, params, shape, labels)
+      else:
+        network = make_network(experiment.model.apply, train=False)
+        sampler, options = SAMPLERS[experiment.sampler.method][0], dict(experiment.sampler.kwargs)
+
+        def draw(key, params, classifier_params, labels, guidance_scale):
+          # s(x) + (1 + w) grad log p_t(y | x): classifier-free guidance's score for an exact classifier.
+          score_fn = make_score_fn(network, params, experiment.sampling_sde, experiment.parameterization)
+          log_prob = make_classifier_log_prob_fn(lambda p, x, c: classifier.model.apply({"params": p}, x, c),
+                                                 classifier_params, classifier.sampling_sde,
+                                                 classifier.parameterization)
+          guided = guidance.classifier_guided_score(score_fn, functools.partial(log_prob, labels=labels),
+                                                    1 + guidance_scale)
+          return sampler(key, experiment.sampling_sde, guided, shape, **options)
 
       self._conditional_fn = jax.jit(draw, out_shardings=None if split_examples is None else (split_examples, None))
     sample_fn, judge = self._conditional_fn, self._digits_judge()
@@ -200,13 +247,14 @@ class TaskRunners:
     started, per_scale = time.perf_counter(), []
     for guidance_scale in settings.guidance_scales:
       described = {"sampler": sampler_description(experiment), "guidance_scale": guidance_scale,
-                   "num_classes": num_classes, "shard_size": settings.shard_size, "seed": self.settings.seed,
+                   "guided_by": guided_by, "classifier": described_classifier, "num_classes": num_classes,
+                   "shard_size": settings.shard_size, "seed": self.settings.seed,
                    "element_shape": list(self.element_shape)}
       directory = units.task_directory(checkpoint_dir, f"conditional-w{guidance_scale:g}", described)
 
       def sample_shard(index, guidance_scale=guidance_scale):
         labels = controllable.class_labels(index * settings.shard_size, settings.shard_size, num_classes)
-        x, info = sample_fn(jax.random.fold_in(key, index), params, jnp.asarray(labels),
+        x, info = sample_fn(jax.random.fold_in(key, index), params, classifier_params, jnp.asarray(labels),
                             jnp.asarray(guidance_scale, jnp.float32))
         return np.asarray(x), {"label": labels, **{name: np.asarray(value) for name, value in info._asdict().items()}}
 
@@ -223,7 +271,7 @@ class TaskRunners:
         entry.update(self._judged(judge, samples, controllable.class_labels(0, num_samples, num_classes)))
       io.write_json(os.path.join(directory, "results.json"), entry)
       per_scale.append(entry)
-    return {"num_classes": num_classes, "samples_per_class": settings.samples_per_class,
+    return {"num_classes": num_classes, "samples_per_class": settings.samples_per_class, "guided_by": guided_by,
             "sampler": sampler_description(experiment), "scales": per_scale, "seconds": time.perf_counter() - started,
             "compilations": sample_fn._cache_size()}
 

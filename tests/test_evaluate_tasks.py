@@ -1,4 +1,5 @@
-"""The `bound` evaluation task and `eval.init_from` (published weights) through `evaluate(config, workdir)`."""
+"""The evaluation tasks added for controllable generation and the published weights, through
+`evaluate(config, workdir)`: `bound`, `eval.init_from`, `inpaint`, `colorize` and `conditional`."""
 
 import os
 import sys
@@ -6,12 +7,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from configs import default, digits_vp  # noqa: E402
+from configs import default, digits_classifier, digits_vp, digits_vp_conditional  # noqa: E402
 
 import scoreflow as sf  # noqa: E402
 from scoreflow.config import build_experiment  # noqa: E402
@@ -220,3 +222,73 @@ def test_colorization_task_keeps_the_grey_levels_of_rgb_images(tmp_path):
   digits.eval.tasks = "colorize"
   with pytest.raises(ValueError, match="'colorize' needs RGB images, but the digits are grey"):
     run.evaluate(digits, tmp_path / "run")
+
+
+def conditional_config(tmp_path, **model):
+  config = digits_vp_conditional.get_config()
+  config.model = default.model_config("ddpmpp_digits", **{"nf": 16, "num_classes": 10, **model})
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.sampling.method, config.sampling.num_steps = "ddim", 3
+  config.eval.progress_bar = False
+  config.eval.tasks = "conditional"
+  config.eval.conditional.guidance_scales = "0,2"
+  config.eval.conditional.samples_per_class = 3
+  config.eval.conditional.shard_size = 20  # Two shards for 30 samples, the second truncated.
+  config.eval.conditional.grid_columns = 2
+  config.eval.digits.classifier_steps = 50
+  if not config.model.num_classes:
+    config.training.label_dropout = 0.0
+  return config
+
+
+def test_conditional_task_samples_every_class_at_every_guidance_scale(tmp_path):
+  """A class-conditional digits model: 3 samples of each digit at w = 0 and w = 2, sample n of class n mod 10 (the
+  shards store the labels), a 10 x 2 grid per scale, the digits classifier's accuracy on the requested classes,
+  w changing the samples; a rerun reuses every shard."""
+  from _train_fixtures import save_fresh_run
+
+  config = conditional_config(tmp_path)
+  save_fresh_run(tmp_path / "run", config, (8, 8, 1), step=4)
+  record = run.evaluate(config, tmp_path / "run")["checkpoints"][0]
+  result = record["conditional"]
+  assert result["guided_by"] == "classifier-free" and result["num_classes"] == 10
+  assert [entry["guidance_scale"] for entry in result["scales"]] == [0.0, 2.0]
+  shards = {}
+  for entry in result["scales"]:
+    assert entry["num_samples"] == 30 and entry["num_shards"] == 2 and entry["computed_shards"] == 2
+    assert 0 <= entry["accuracy"] <= 1 and len(entry["accuracy_per_class"]) == 10
+    with PIL.Image.open(entry["grid"]) as grid:
+      assert grid.size[1] > 4 * grid.size[0]  # Ten rows of two: a tall grid.
+    first = np.load(os.path.join(entry["directory"], "shard_00000.npz"))
+    np.testing.assert_array_equal(first["label"], np.arange(20) % 10)
+    shards[entry["guidance_scale"]] = first["samples"]
+  assert not np.allclose(shards[0.0], shards[2.0])  # Guidance changes the samples (same noise).
+  again = run.evaluate(config, tmp_path / "run")["checkpoints"][0]["conditional"]
+  assert all(entry["reused_shards"] == 2 for entry in again["scales"])
+  assert "class-conditional samples, guidance scale 2" in run.report.format_results(record)
+
+
+def test_conditional_task_guides_an_unconditional_model_with_a_noise_conditional_classifier(tmp_path):
+  """An unconditional model guided by a classifier run (`eval.conditional.classifier_workdir`): classifier guidance
+  s(x) + (1 + w) grad log p_t(y | x); w = 0 differs from the unguided sampler's samples on the same noise."""
+  from _train_fixtures import save_fresh_run
+
+  classifier_config = digits_classifier.get_config()
+  classifier_config.data.data_dir = str(tmp_path / "tfds")
+  save_fresh_run(tmp_path / "classifier", classifier_config, (8, 8, 1), step=2, perturb=0.5)
+  config = conditional_config(tmp_path, num_classes=0)
+  config.eval.conditional.classifier_workdir = str(tmp_path / "classifier")
+  save_fresh_run(tmp_path / "run", config, (8, 8, 1), step=4)
+  result = run.evaluate(config, tmp_path / "run")["checkpoints"][0]["conditional"]
+  assert result["guided_by"] == "classifier" and result["num_classes"] == 10
+  scales = {entry["guidance_scale"]: np.load(os.path.join(entry["directory"], "shard_00000.npz"))["samples"]
+            for entry in result["scales"]}
+  assert not np.allclose(scales[0.0], scales[2.0])
+  unguided = conditional_config(tmp_path, num_classes=0)
+  unguided.eval.conditional.classifier_workdir = ""
+  with pytest.raises(ValueError, match="classifier_workdir=RUN"):
+    run.evaluate(unguided, tmp_path / "run")
+  wrong = conditional_config(tmp_path, num_classes=0)
+  wrong.eval.conditional.classifier_workdir = str(tmp_path / "run")  # A score model, not a classifier.
+  with pytest.raises(ValueError, match="not 'classifier'"):
+    run.evaluate(wrong, tmp_path / "run")
