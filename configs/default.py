@@ -44,14 +44,22 @@ Sections (each is read in one place, `scoreflow.config`):
     `num_steps`, `dpm_order` 1 or 2, `dpm_spacing` log_snr or time); `eps` the last time,
     `num_samples`, `use_ema`.
   eval: run_eval.py. checkpoints "latest" | "all" | "2000" | "1000,3000" | inclusive "1000:5000"; use_ema (else raw
-    params); tasks, comma-separated: bpd, samples, fid (FID/IS/KID), digits (digits classifier metric), quality (digits
-    on digits, fid on other images); seed (dequantization, probe and sampler noise, the same for every checkpoint);
+    params); tasks, comma-separated: bpd, bound (variational bound), samples, conditional (per-class samples at each
+    guidance scale), inpaint, colorize, fid (FID/IS/KID), digits (digits classifier metric), quality (digits on digits,
+    fid on other images); init_from (published score_sde .pth / Flax weights evaluated instead of the workdir's
+    checkpoints); seed (dequantization, probe and sampler noise, the same for every checkpoint);
     batch_size (likelihood and Inception batches); output_dir ("": workdir/eval); cache_dir ("": output_dir/cache);
     progress_bar; allow_config_mismatch (False: a model-defining field -- model, sde, parameterization,
     data.name/scaler/dequantize/image_size -- that differs from the workdir's config.json is an error; True: a warning,
     and the results are kept apart). bpd: split, num_examples (0: whole split; required for toy data), num_repeats
     (dequantization draws), divergence hutchinson|exact, probe, num_probes, rtol, atol, eps, solver, max_steps,
-    per_example. samples: num_samples drawn with config.sampling in shards of shard_size, grid_size for the PNG. fid:
+    per_example. bound: split, num_examples, num_samples (draws per example), eps, importance_sampling, decoder;
+    ddpm_estimator exact|sampled, ddpm_variance beta|beta_tilde, ddpm_clip_x0 (DDPM chain). samples: num_samples drawn
+    with config.sampling in shards of shard_size, grid_size for the PNG. conditional: guidance_scales (w, comma-
+    separated), samples_per_class, shard_size, grid_columns, classifier_workdir (guide an unconditional model with a
+    noise-conditional classifier run). inverse (inpaint, colorize): split, num_examples, mask (the region generated:
+    lower_half, right_half, centre, checkerboard), predictor, corrector, num_steps, snr, n_corrector_steps, eps,
+    grid_size. fid:
     inception_path (pytorch-fid weights converted to .npz; nothing is downloaded), reference_split,
     reference_num_examples (0: all), kid_reference_size, kid_num_subsets, kid_subset_size, is_num_splits. digits:
     reference_split, classifier_steps, classifier_seed.
