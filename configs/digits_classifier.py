@@ -13,30 +13,15 @@ nothing is left to classify) and draws no samples. Guide with
 `scoreflow.parameterization.make_classifier_log_prob_fn(apply_fn, params, sde, EpsilonParameterization())`.
 """
 
-from configs import default
+from configs import default, digits_vp
 
 
 def get_config():
-  config = default.get_config()
+  config = digits_vp.get_config()  # The digits, the VP SDE, the optimizer and the training schedule of digits_vp.
   config.seed = 0
-  config.data.name = "digits"
-  config.data.random_flip = False
-  config.sde.name = "vp"
   config.model = default.model_config("classifier_digits")
   # The noise conditioning of digits_vp's eps network (999 t), so that both read t alike.
   config.parameterization.name = "eps"
   config.loss.name = "classifier"
-  config.optim.learning_rate = 2e-3
-  config.optim.warmup_steps = 100
-  config.optim.schedule = "cosine"
-  config.optim.final_lr_ratio = 0.05
-  config.training.batch_size = 128
-  config.training.num_train_steps = 1500
-  config.training.steps_per_call = 1
-  config.training.ema_rate = 0.999
-  config.training.ema_warmup = True
-  config.training.log_every = 100
-  config.training.checkpoint_every = 500
-  config.training.snapshot_every = 100
   config.training.sample_every = 0
   return config

@@ -67,3 +67,31 @@ def per_example(coefficient, x):
         "or a scalar t."
     )
   return coefficient.reshape(coefficient.shape + (1,) * (x.ndim - coefficient.ndim)).astype(x.dtype)
+
+
+def check_labels(owner: str, labels, batch_size: int, num_values: int, *, name: str = "labels",
+                 meaning: str = "") -> jax.Array:
+  """Class labels as int `[B]` (a scalar is broadcast); concrete values must lie in `0 .. num_values - 1`.
+
+  Args:
+    owner: who checks (starts the message).
+    labels: the labels.
+    batch_size: `B`.
+    num_values: how many label values are valid (classes, plus one for a network's null class).
+    name: the argument's name in messages.
+    meaning: what the valid values are, for the range message (e.g. "for 10 classes").
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"{owner}: {name} must be integers (an integer array of shape [B]), got dtype {labels.dtype}; "
+                     f"e.g. jnp.asarray({name}, jnp.int32).")
+  if labels.ndim == 0:
+    labels = jnp.broadcast_to(labels, (batch_size,))
+  if labels.shape != (batch_size,):
+    raise ValueError(f"{owner}: {name} must have shape [B] = ({batch_size},) to match the batch (or be a scalar), "
+                     f"got shape {labels.shape}.")
+  values = concrete_value(labels)
+  if values is not None and values.size and (values.min() < 0 or values.max() >= num_values):
+    raise ValueError(f"{owner}: labels must lie in 0..{num_values - 1} {meaning}, got values from {values.min()} "
+                     f"to {values.max()}.")
+  return labels

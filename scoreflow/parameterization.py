@@ -30,9 +30,8 @@ from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from scoreflow._validation import as_float_time, check_hyperparameters, per_example
+from scoreflow._validation import as_float_time, check_hyperparameters, check_labels, per_example
 from scoreflow._pytree import pytree_dataclass, static_field
 from scoreflow.sde import AbstractSDE
 
@@ -383,17 +382,4 @@ def make_classifier_log_prob_fn(apply_fn: ApplyFn, params, sde: AbstractSDE,
 def check_classifier_labels(owner: str, labels, batch_size: int, num_classes: int):
   """Class labels for a classifier as int `[B]` (a scalar is broadcast); concrete values must lie in
   `0 .. num_classes - 1`."""
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"{owner}: labels must be integers, got dtype {labels.dtype}; e.g. jnp.asarray(y, jnp.int32).")
-  if labels.ndim == 0:
-    labels = jnp.broadcast_to(labels, (batch_size,))
-  if labels.shape != (batch_size,):
-    raise ValueError(f"{owner}: labels must have shape [B] = ({batch_size},) (or be a scalar), got shape "
-                     f"{labels.shape}.")
-  if not isinstance(labels, jax.core.Tracer):
-    values = np.asarray(labels)
-    if values.size and (values.min() < 0 or values.max() >= num_classes):
-      raise ValueError(f"{owner}: labels must lie in 0..{num_classes - 1} for {num_classes} classes, got values "
-                       f"from {values.min()} to {values.max()}.")
-  return labels
+  return check_labels(owner, labels, batch_size, num_classes, meaning=f"for {num_classes} classes")

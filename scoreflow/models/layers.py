@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scoreflow._validation import check_labels
+
 Dtype = Any
 NoiseConditioningKind = Literal["time", "sigma", "log_sigma", "log_snr", "index"]
 NOISE_CONDITIONING_KINDS = ("time", "sigma", "log_sigma", "log_snr", "index")
@@ -240,21 +242,8 @@ def class_labels(owner: str, label, num_classes: int, batch_size: int):
     raise ValueError(f"{owner}: this network is class-conditional (num_classes={num_classes}) and needs label, int "
                      f"[B] in 0..{num_classes} (the last, {num_classes}, is the null class: 'unconditional'); got "
                      "None.")
-  label = jnp.asarray(label)
-  if not jnp.issubdtype(label.dtype, jnp.integer):
-    raise ValueError(f"{owner}: label must be an integer array of shape [B], got dtype {label.dtype}; e.g. "
-                     "jnp.asarray(labels, jnp.int32).")
-  if label.ndim == 0:
-    label = jnp.broadcast_to(label, (batch_size,))
-  if label.shape != (batch_size,):
-    raise ValueError(f"{owner}: label must have shape [B] = ({batch_size},) to match x (or be a scalar), got "
-                     f"shape {label.shape}.")
-  if not isinstance(label, jax.core.Tracer):
-    values = np.asarray(label)
-    if values.size and (values.min() < 0 or values.max() > num_classes):
-      raise ValueError(f"{owner}: labels must lie in 0..{num_classes} (num_classes={num_classes} classes, and "
-                       f"{num_classes} for the null class), got values from {values.min()} to {values.max()}.")
-  return label
+  return check_labels(owner, label, batch_size, num_classes + 1, name="label",
+                      meaning=f"(num_classes={num_classes} classes, and {num_classes} for the null class)")
 
 
 class ClassEmbedding(nn.Module):
