@@ -45,6 +45,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from scoreflow._validation import concrete_value, per_example
 from scoreflow.parameterization import score_to_x0
 from scoreflow.sampling import Corrector, Predictor, SampleInfo, pc_sample
 from scoreflow.sde import AbstractSDE
@@ -55,22 +56,6 @@ LinearInverseMethod = Literal["tweedie", "pigdm", "dps"]
 
 
 # --- Small helpers (shape checks happen at trace time; value checks only on concrete values). ------------------
-
-def _concrete(value):
-  """`value` as a NumPy array if it is known at trace time, else None."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  try:
-    return np.asarray(value)
-  except Exception:  # A deleted buffer or an abstract value: nothing to check.
-    return None
-
-
-def _per_example(coefficient, x):
-  """A scalar or `[B]` coefficient reshaped to broadcast against `x: [B, *D]`, in the dtype of `x`."""
-  coefficient = jnp.asarray(coefficient)
-  return coefficient.reshape(coefficient.shape + (1,) * (x.ndim - coefficient.ndim)).astype(x.dtype)
-
 
 def _batch_time(owner: str, t, x):
   """`t` (scalar or `[B]`) as `[B]` for `x: [B, *D]`."""
@@ -156,7 +141,7 @@ def classifier_free_score(cond_score_fn: CondScoreFn, label, guidance_scale, *, 
       cond, uncond = both[:batch], both[batch:]
     else:
       cond, uncond = cond_score_fn(x, t, labels), cond_score_fn(x, t, nulls)
-    w = _per_example(guidance_scale, x)
+    w = per_example(guidance_scale, x)
     return (1 + w) * cond - w * uncond
 
   return score_fn
@@ -203,7 +188,7 @@ def classifier_guided_score(score_fn: ScoreFn, log_prob_y_fn: Callable[[jax.Arra
       return jnp.sum(log_prob)
 
     grad = jax.grad(total_log_prob)(x)
-    return score_fn(x, t) + _per_example(scale, x) * grad.astype(x.dtype)
+    return score_fn(x, t) + per_example(scale, x) * grad.astype(x.dtype)
 
   return guided
 
@@ -295,7 +280,7 @@ def linear_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, A, y, noise_std, *
   y = jnp.asarray(y)
   if y.ndim not in (1, 2) or y.shape[-1] != m:
     raise ValueError(f"{owner}: y must have shape [m] = ({m},) or [B, m], got {y.shape} (A has shape {A.shape}).")
-  noise_value = _concrete(noise_std)
+  noise_value = concrete_value(noise_std)
   if noise_value is not None and (np.ndim(noise_value) != 0 or not noise_value >= 0):
     raise ValueError(f"{owner}: noise_std must be a scalar >= 0, got {np.asarray(noise_value).tolist()}.")
   if method == "dps" and noise_value is not None and noise_value == 0:
@@ -340,7 +325,7 @@ def linear_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, A, y, noise_std, *
     cotangent = (weighted @ A_x).reshape(x.shape)
     (grad,) = jax.linear_transpose(jvp_fn, x)(cotangent)  # J^T A^T S^{-1} (y - A x0_hat)
     _check_scalar_or_batch(owner, "scale", scale, batch)
-    return score + _per_example(scale, x) * grad
+    return score + per_example(scale, x) * grad
 
   return guided
 
@@ -354,7 +339,7 @@ def _check_mask(owner: str, mask, shape) -> jax.Array:
     raise ValueError(f"{owner}: mask must have the shape of x_observed, {tuple(shape)}, or one that broadcasts to "
                      f"it with the same number of axes (e.g. [B, H, W, 1] for images [B, H, W, C]), got "
                      f"{mask.shape}.")
-  value = _concrete(mask)
+  value = concrete_value(mask)
   if value is not None and not np.all((value == 0) | (value == 1)):
     bad = np.unique(value[(value != 0) & (value != 1)])[:5]
     raise ValueError(f"{owner}: mask must be binary (1 = observed, 0 = to generate), got values such as "
@@ -371,7 +356,7 @@ def _replacement_pc_sample(owner, key, sde, score_fn, y, observed, *, dtype, **p
 
   def replace(key, x, t):
     # The observed coordinates become a fresh draw of x_t | x_0 = y.
-    noisy = _per_example(sde.alpha(t), x) * y + _per_example(sde.sigma(t), x) * jax.random.normal(key, x.shape, dtype)
+    noisy = per_example(sde.alpha(t), x) * y + per_example(sde.sigma(t), x) * jax.random.normal(key, x.shape, dtype)
     return jnp.where(observed, noisy.astype(dtype), x)
 
   # Start from the prior, with the observed coordinates drawn from x_T | x_0 = y.

@@ -30,16 +30,10 @@ def class_labels(start: int, count: int, num_classes: int) -> np.ndarray:
 
 
 def class_grid(samples: np.ndarray, num_classes: int, columns: int) -> np.ndarray:
-  """`[K * columns, *D]`: the first `columns` samples of every class, class by class (the rows of a grid)."""
+  """`[K * columns, *D]`: the first `columns` samples of every class, class by class (the rows of a grid); each
+  class needs at least `columns` samples (`eval.conditional.grid_columns <= samples_per_class` is checked)."""
   labels = class_labels(0, samples.shape[0], num_classes)
-  rows = []
-  for label in range(num_classes):
-    of_class = samples[labels == label][:columns]
-    if of_class.shape[0] < columns:  # Too few samples: pad the row with blanks (NaN draws as the background).
-      of_class = np.concatenate([of_class, np.full((columns - of_class.shape[0], *samples.shape[1:]), np.nan,
-                                                   samples.dtype)])
-    rows.append(of_class)
-  return np.concatenate(rows)
+  return np.concatenate([samples[labels == label][:columns] for label in range(num_classes)])
 
 
 def masks(name: str, image_shape: tuple[int, ...]) -> np.ndarray:

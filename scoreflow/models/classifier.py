@@ -92,12 +92,7 @@ class NoiseConditionalClassifier(nn.Module):
     """Args: `x: [B, H, W, C]`, `cond: [B]` (the parameterization's noise conditioning), `train`: enables dropout.
     Returns the logits, `[B, num_classes]`, in the dtype of `x`."""
     owner = "NoiseConditionalClassifier"
-    if x.ndim != 4 or x.shape[1] != x.shape[2]:
-      raise ValueError(f"{owner}: x must be square images [B, H, W, C] (NHWC), got shape {x.shape}.")
-    factor = 2 ** (len(self.ch_mult) - 1)
-    if x.shape[1] % factor:
-      raise ValueError(f"{owner}: the image size {x.shape[1]} must be divisible by 2**(len(ch_mult) - 1) = {factor} "
-                       f"for ch_mult={tuple(self.ch_mult)}; pad the images or use fewer levels.")
+    layers.check_square_images(owner, x, self.ch_mult)
     cond = layers.broadcast_conditioning(owner, cond, x.shape[0])
     out_dtype = x.dtype
     dtype = self.dtype if self.dtype is not None else x.dtype

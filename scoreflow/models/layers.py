@@ -212,6 +212,16 @@ def broadcast_conditioning(owner: str, cond, batch_size: int):
   return cond
 
 
+def check_square_images(owner: str, x, ch_mult) -> None:
+  """Raises unless `x` is square NHWC images whose size the U-Net's `len(ch_mult) - 1` halvings divide."""
+  if x.ndim != 4 or x.shape[1] != x.shape[2]:
+    raise ValueError(f"{owner}: x must be square images [B, H, W, C] (NHWC), got shape {x.shape}.")
+  factor = 2 ** (len(ch_mult) - 1)
+  if x.shape[1] % factor:
+    raise ValueError(f"{owner}: the image size {x.shape[1]} must be divisible by 2**(len(ch_mult) - 1) = {factor} "
+                     f"for ch_mult={tuple(ch_mult)}; pad the images or use fewer levels.")
+
+
 def check_num_classes(owner: str, num_classes) -> None:
   """Validates a network's `num_classes` field at construction: an int >= 0 (0: no class conditioning)."""
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 0:

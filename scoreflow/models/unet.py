@@ -160,12 +160,7 @@ class UNet(nn.Module):
     super().__post_init__()
 
   def _check_inputs(self, x, cond):
-    if x.ndim != 4 or x.shape[1] != x.shape[2]:
-      raise ValueError(f"UNet: x must be square images [B, H, W, C] (NHWC), got shape {x.shape}.")
-    factor = 2 ** (len(self.ch_mult) - 1)
-    if x.shape[1] % factor:
-      raise ValueError(f"UNet: the image size {x.shape[1]} must be divisible by 2**(len(ch_mult) - 1) = {factor} "
-                       f"for ch_mult={tuple(self.ch_mult)}; pad the images or use fewer levels.")
+    layers.check_square_images("UNet", x, self.ch_mult)
     return layers.broadcast_conditioning("UNet", cond, x.shape[0])
 
   @nn.compact
