@@ -16,6 +16,19 @@ a list, an inclusive range `A:B`), EMA or raw parameters and the tasks (`bpd`, `
 Results go to `<workdir>/eval/` (`summary.json`, and one directory per checkpoint). Rerunning the same command
 resumes: finished bpd batches, sample shards and reference statistics are reused. `--mode=reference` only
 computes (and caches) the reference statistics that the quality metrics compare against.
+
+Several processes (hosts) share one evaluation with --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I (or the SCOREFLOW_COORDINATOR_ADDRESS, SCOREFLOW_NUM_PROCESSES and SCOREFLOW_PROCESS_ID
+environment variables), each started with the same command otherwise. The workdir and config.eval.output_dir
+must be one filesystem that every process sees (a network filesystem or a mounted bucket): the bits/dim batches,
+sample shards, Inception features of shards and inpainting/colorization batches are split over the processes,
+which read one another's files; process 0 writes the results and prints. Two processes on one machine:
+
+  python run_eval.py --config configs/digits_vp.py --workdir runs/digits_vp \
+      --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0 &
+  python run_eval.py --config configs/digits_vp.py --workdir runs/digits_vp \
+      --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=1
+
 Every config field is listed, with its meaning, in configs/default.py.
 """
 
@@ -29,6 +42,8 @@ _CONFIG, _WORKDIR = cli.define_run_flags(
 _MODE = flags.DEFINE_enum("mode", "evaluate", ["evaluate", "reference"],
                           "evaluate: the tasks of config.eval.tasks; reference: only compute and cache the reference "
                           "statistics of the quality metrics.")
+_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = cli.define_process_flags(
+    "the evaluation's units are split over the processes, over a filesystem they share")
 flags.adopt_module_key_flags(cli)  # --help lists --compilation_cache_dir too.
 
 
@@ -36,11 +51,12 @@ def main(argv):
   cli.start(argv)
   # Check the configuration before JAX starts any work: errors name the field.
   from scoreflow.config import build_eval_settings, build_experiment
-  from scoreflow.train import checkpoint
+  from scoreflow.train import checkpoint, sharding
 
   experiment, settings = build_experiment(_CONFIG.value), build_eval_settings(_CONFIG.value)
   workdir = checkpoint.local_workdir(_WORKDIR.value)
   cli.configure_devices()  # Evaluation shards a batch only where the devices divide it.
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from scoreflow.evaluate import run
 
   task = run.compute_reference_statistics if _MODE.value == "reference" else run.evaluate

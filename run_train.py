@@ -23,9 +23,8 @@ _CONFIG, _WORKDIR = cli.define_run_flags("Training configuration file",
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose config.json differs from --config in fields other than "
     "the step counts, logging intervals and sampling settings.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = cli.define_process_flags(
+    "the global batch is sharded over the devices of every process")
 flags.adopt_module_key_flags(cli)  # --help lists --compilation_cache_dir too.
 
 

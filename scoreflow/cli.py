@@ -1,9 +1,11 @@
-"""What `run_train.py` and `run_eval.py` share: the compilation-cache flag, start-up checks and one-line errors.
+"""What `run_train.py` and `run_eval.py` share: the compilation-cache flag, the multi-process flags, start-up checks
+and one-line errors.
 
 Every failure a user can fix is reported as one `error: ...` line naming the thing and the fix, with exit status 1:
 scoreflow's own checks (config values, checkpoints, data), a config file or `--config.<field>` that does not
-exist, and the environment (an unwritable or full disk, a missing path), whether the OS error surfaced in Python
-or inside TensorStore's checkpoint writes. Errors from inside JAX, Flax or another library keep their traceback.
+exist, another process of a multi-process evaluation that stopped (its error is in the line), and the environment
+(an unwritable or full disk, a missing path), whether the OS error surfaced in Python or inside TensorStore's
+checkpoint writes. Errors from inside JAX, Flax or another library keep their traceback.
 Asyncio's complaints about Orbax's abandoned coroutines at exit, which follow such errors, are dropped.
 
 Importing this module defines `--compilation_cache_dir` (absl flags are global to the program).
@@ -65,6 +67,18 @@ def define_run_flags(config_help: str, workdir_help: str):
   workdir = flags.DEFINE_string("workdir", None, workdir_help)
   flags.mark_flags_as_required(["config", "workdir"])
   return config, workdir
+
+
+def define_process_flags(what: str):
+  """Defines `--coordinator_address`, `--num_processes` and `--process_id`, the flags of a multi-process run
+  (:func:`scoreflow.train.sharding.initialize_distributed` reads them); `what` says what the processes share.
+  Returns their holders."""
+  coordinator = flags.DEFINE_string("coordinator_address", None, f"Multi-process runs ({what}): host:port of "
+                                    "process 0, e.g. 127.0.0.1:12345 for processes on one machine.")
+  num_processes = flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+  process_id = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 .. "
+                                    "num_processes - 1.")
+  return coordinator, num_processes, process_id
 
 
 def start(argv: Sequence[str]) -> None:
@@ -146,9 +160,15 @@ def _unknown_field_message(error: BaseException, argv: Sequence[str]) -> str:
 
 def user_error_message(error: BaseException) -> str | None:
   """The one-line message for a failure a user can fix, or None for one whose traceback is the useful part."""
-  if isinstance(error, USER_ERRORS) and raised_by_own_check(error):
+  if isinstance(error, USER_ERRORS + _peer_process_errors()) and raised_by_own_check(error):
     return str(error)
   return environment_error_message(error)
+
+
+def _peer_process_errors() -> tuple[type, ...]:
+  # Only an evaluation raises it, after importing its module; the command line does not import it for nothing.
+  units = sys.modules.get("scoreflow.evaluate.units")
+  return (units.PeerProcessError,) if units is not None else ()
 
 
 def environment_error_message(error: BaseException) -> str | None:

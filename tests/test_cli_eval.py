@@ -93,7 +93,8 @@ def test_help_lists_the_flags():
   result = run_script("run_eval.py", "--help")
   assert result.returncode in (0, 1)  # absl exits with 1 after printing the help.
   assert "Evaluates a trained run" in result.stdout and "configs/default.py" in result.stdout
-  for flag in ("--config", "--workdir", "--mode", "--compilation_cache_dir"):
+  for flag in ("--config", "--workdir", "--mode", "--compilation_cache_dir", "--coordinator_address",
+               "--num_processes", "--process_id"):
     assert flag in result.stdout
 
 

@@ -74,6 +74,11 @@ def evaluate_bpd(bpd_fn: Callable, batches: Iterable[tuple[int, np.ndarray, int]
   `per_example.npz`: `index [N]`, `bpd [N]` (each example's mean over repeats), `bpd_draws [R, N]`,
   `logp [R, N]` (nats, model space), `nfe [R, N]` and `status [R, N]`.
 
+  In a multi-process evaluation every process calls this with the same batches: each computes the batches
+  :func:`units.is_assigned` gives it, all wait for one another (:func:`units.gather`), each reads the others'
+  batch files back from the shared `directory`, and process 0 writes `per_example.npz`; every process returns
+  the same result, the batch counts summed over the processes.
+
   Args:
     bpd_fn: `bpd_fn(key, values [B, *D]) -> (bpd [B], logp [B], nfe [B], status [B])`, e.g. from
       :func:`make_bpd_fn` (jit it: every batch has the same shape).
@@ -82,16 +87,30 @@ def evaluate_bpd(bpd_fn: Callable, batches: Iterable[tuple[int, np.ndarray, int]
     key: PRNG key.
     num_examples: `N`, for the progress bar and the check that the batches cover it.
     num_repeats: `R`, dequantization (and probe) draws per example.
-    progress_bar: show a tqdm bar.
+    progress_bar: show a tqdm bar (of this process's batches).
 
   Returns:
     A :class:`BpdResult`.
   """
   os.makedirs(directory, exist_ok=True)
-  parts, computed, reused = [], 0, 0
-  bar = units.progress(num_examples, 0, "bits/dim", "example", progress_bar)
+
+  def batch_path(index):
+    return os.path.join(directory, f"batch_{index:05d}.npz")
+
+  def fits(part, num_valid):
+    return part["bpd"].shape == (num_repeats, num_valid)
+
+  parts, seen, computed = {}, [], 0
+  bar = units.progress(None, 0, "bits/dim", "example", progress_bar)
   try:
     for index, values, num_valid in batches:
+      seen.append((index, num_valid))
+      if not units.is_assigned(index):
+        continue
+      if bar.total is None:  # This process's share of the examples, now that the batch size is known.
+        size = values.shape[0]
+        bar.total = sum(min(size, num_examples - i * size) for i in range(-(-num_examples // size))
+                        if units.is_assigned(i))
 
       def compute(index=index, values=values, num_valid=num_valid):
         draws = []
@@ -103,30 +122,33 @@ def evaluate_bpd(bpd_fn: Callable, batches: Iterable[tuple[int, np.ndarray, int]
         part["index"] = np.arange(num_valid, dtype=np.int64) + index * values.shape[0]
         return part
 
-      part, was_computed = units.resumable_unit(
-          os.path.join(directory, f"batch_{index:05d}.npz"), compute,
-          fits=lambda part, num_valid=num_valid: part["bpd"].shape == (num_repeats, num_valid))
+      parts[index], was_computed = units.resumable_unit(batch_path(index), compute,
+                                                        fits=lambda part, n=num_valid: fits(part, n))
       computed += was_computed
-      reused += not was_computed
-      parts.append(part)
       bar.update(num_valid)
   finally:
     bar.close()
-  if not parts:
+  computed = sum(units.gather(f"bits/dim {directory}", computed))
+  if not seen:
     raise ValueError("evaluate_bpd: batches yielded no data.")
+  for index, num_valid in seen:  # The other processes' batches.
+    if index not in parts:
+      parts[index] = units.read_unit(batch_path(index), lambda part, n=num_valid: fits(part, n))
+  parts = [parts[index] for index, _ in seen]
   table = {name: np.concatenate([p[name] for p in parts], axis=-1) for name in ("bpd", "logp", "nfe", "status")}
   index = np.concatenate([p["index"] for p in parts])
   if index.size != num_examples:
     raise ValueError(f"evaluate_bpd: the batches held {index.size} examples, expected num_examples={num_examples}.")
   estimate = summarize_bits_per_dim(table["bpd"])
   per_example_file = os.path.join(directory, "per_example.npz")
-  io.atomic_savez(per_example_file, {"index": index, "bpd": estimate.example_means, "bpd_draws": table["bpd"],
-                                     "logp": table["logp"], "nfe": table["nfe"], "status": table["status"]})
+  if units.is_main_process():
+    io.atomic_savez(per_example_file, {"index": index, "bpd": estimate.example_means, "bpd_draws": table["bpd"],
+                                       "logp": table["logp"], "nfe": table["nfe"], "status": table["status"]})
   nfe = table["nfe"]
   return BpdResult(mean=estimate.mean, stderr=estimate.stderr, dequantization_stderr=estimate.dequantization_stderr,
                    num_examples=int(index.size), num_repeats=num_repeats, nfe_mean=float(nfe.mean()),
                    nfe_min=int(nfe.min()), nfe_max=int(nfe.max()), num_failed=int(np.sum(table["status"] != 0)),
-                   computed_batches=computed, reused_batches=reused, directory=directory,
+                   computed_batches=computed, reused_batches=len(parts) - computed, directory=directory,
                    per_example_file=per_example_file)
 
 

@@ -85,16 +85,25 @@ def restore_params(checkpointer: Checkpointer, abstract_state, kind: str, step: 
   With `newest_intact` (`eval.checkpoints=latest`), a corrupt checkpoint is reported in one line and the newest
   intact one is evaluated instead; the corrupt one is moved aside into `workdir/corrupt/` when no training run holds
   the workdir (a running one moves it itself when it next resumes). A corrupt checkpoint asked for by step is an
-  error, told apart from a configuration mismatch."""
+  error, told apart from a configuration mismatch.
+
+  In a multi-process evaluation every process calls this (each restores onto the devices of `abstract_state`'s
+  shardings, its own); process 0 takes the lock and moves corrupt checkpoints aside for all."""
+  # Orbax ends a restore with a barrier that is an XLA collective, where a process would wait forever for one that
+  # failed: the processes meet here first, where a failure is noticed (units.PeerProcessError).
+  units.gather(f"restore {checkpointer.directory(kind, step)}", None)
   try:
     if newest_intact:
       lock = WorkdirLock(checkpointer.workdir)
       try:
-        lock.acquire()
+        if units.is_main_process():
+          lock.acquire()
       except WorkdirBusyError:
         pass
       try:
-        state, _, step, kind = checkpointer.restore_intact(abstract_state, report=units.say, move_aside=lock.held)
+        # Every process moves aside or none: Checkpointer.move_aside waits for all of them.
+        move_aside = units.share(f"lock {checkpointer.workdir}", lock.held)
+        state, _, step, kind = checkpointer.restore_intact(abstract_state, report=units.say, move_aside=move_aside)
       finally:
         lock.release()
     else:

@@ -69,11 +69,17 @@ def inverse_problem(complete: Callable, batches: Iterable[tuple[int, np.ndarray,
 
   Returns:
     `{"observed", "completed", "truth" [N, *D], "label" [N], "nfe" [N]}` of the valid examples.
+
+  In a multi-process evaluation each process completes its batches (:func:`units.is_assigned`), all wait for one
+  another, and each reads the others' batches back, so every process returns the whole result.
   """
-  parts = []
+  parts, sizes = {}, {}
   bar = units.progress(num_examples, 0, "inverse problem", "example", progress_bar)
   try:
     for index, truth, labels, num_valid in batches:
+      sizes[index] = num_valid
+      if not units.is_assigned(index):
+        continue
 
       def compute(index=index, truth=truth, labels=labels, num_valid=num_valid):
         observed, completed, nfe = complete(jax.random.fold_in(key, index), truth)
@@ -81,13 +87,22 @@ def inverse_problem(complete: Callable, batches: Iterable[tuple[int, np.ndarray,
                 "truth": np.asarray(truth)[:num_valid], "label": np.asarray(labels)[:num_valid],
                 "nfe": np.full(num_valid, int(nfe), np.int32)}
 
-      part, _ = units.resumable_unit(os.path.join(directory, f"batch_{index:05d}.npz"), compute,
-                                     fits=lambda part, n=num_valid: part["completed"].shape[0] == n)
-      parts.append(part)
+      parts[index], _ = units.resumable_unit(_batch_path(directory, index), compute,
+                                             fits=lambda part, n=num_valid: part["completed"].shape[0] == n)
       bar.update(num_valid)
   finally:
     bar.close()
-  return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+  units.gather(f"inverse problem {directory}", None)
+  for index, num_valid in sizes.items():  # The other processes' batches.
+    if index not in parts:
+      parts[index] = units.read_unit(_batch_path(directory, index),
+                                     lambda part, n=num_valid: part["completed"].shape[0] == n)
+  ordered = [parts[index] for index in sorted(parts)]
+  return {name: np.concatenate([part[name] for part in ordered]) for name in ordered[0]}
+
+
+def _batch_path(directory: str, index: int) -> str:
+  return os.path.join(directory, f"batch_{index:05d}.npz")
 
 
 def inverse_grid(result: dict[str, np.ndarray], count: int, mask: np.ndarray | None) -> tuple[np.ndarray, int]:

@@ -212,6 +212,10 @@ def shard_outputs(outputs_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
   (the training scaler's `to_uint8`) and through `outputs_fn`, and the result is written to
   `<cache_name>-<i>.npz` (`pool`, `logits` of the finite samples and the `finite` mask of the shard).
 
+  In a multi-process evaluation every process calls this: each computes the outputs of its shards
+  (:func:`units.assigned_units`), all wait for one another (:func:`units.gather`), and each reads the others'
+  cached outputs back; every process returns the same arrays.
+
   Returns:
     `(pool [M, d], logits [M, K], num_nonfinite)`: the outputs of the `M` finite samples among the first
     `num_samples`, and how many were left out.
@@ -219,31 +223,46 @@ def shard_outputs(outputs_fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
   Raises:
     ValueError: if no sample is finite.
   """
-  pools, logits, nonfinite = [], [], 0
-  bar = units.progress(num_samples, 0, description, "sample", progress_bar)
-  try:
-    for index in range(-(-num_samples // shard_size)):
-      needed = min(shard_size, num_samples - index * shard_size)
+  num_shards = -(-num_samples // shard_size)
 
-      def compute(index=index, needed=needed):
-        samples = samples_lib.load_shard(sample_dir, index)[:needed]
+  def needed(index):
+    return min(shard_size, num_samples - index * shard_size)
+
+  def cache_path(index):
+    return os.path.join(sample_dir, f"{cache_name}-{index:05d}.npz")
+
+  def fits(cached, index):
+    return "finite" in cached and cached["finite"].shape[0] >= needed(index)
+
+  outputs = {}
+  mine = units.assigned_units(num_shards)
+  bar = units.progress(sum(needed(index) for index in mine), 0, description, "sample", progress_bar)
+  try:
+    for index in mine:
+
+      def compute(index=index):
+        samples = samples_lib.load_shard(sample_dir, index)[:needed(index)]
         finite = samples_lib.finite_rows(samples)
         pool, logit = np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
         if finite.any():
           pool, logit = outputs_fn(np.asarray(to_images(samples[finite])))
         return {"pool": np.asarray(pool, np.float32), "logits": np.asarray(logit, np.float32), "finite": finite}
 
-      cached, _ = units.resumable_unit(os.path.join(sample_dir, f"{cache_name}-{index:05d}.npz"), compute,
-                                       fits=lambda cached, needed=needed: ("finite" in cached
-                                                                           and cached["finite"].shape[0] >= needed))
-      rows = int(np.sum(cached["finite"][:needed]))
-      if rows:
-        pools.append(cached["pool"][:rows])
-        logits.append(cached["logits"][:rows])
-      nonfinite += needed - rows
-      bar.update(needed)
+      outputs[index], _ = units.resumable_unit(cache_path(index), compute,
+                                               fits=lambda cached, index=index: fits(cached, index))
+      bar.update(needed(index))
   finally:
     bar.close()
+  units.gather(f"{cache_name} {sample_dir}", None)
+  pools, logits, nonfinite = [], [], 0
+  for index in range(num_shards):
+    cached = (outputs[index] if index in outputs else  # Else another process's shard.
+              units.read_unit(cache_path(index), lambda cached, index=index: fits(cached, index)))
+    rows = int(np.sum(cached["finite"][:needed(index)]))
+    if rows:
+      pools.append(cached["pool"][:rows])
+      logits.append(cached["logits"][:rows])
+    nonfinite += needed(index) - rows
   if not pools:
     raise samples_lib.no_finite_samples(num_samples, sample_dir)
   return np.concatenate(pools), np.concatenate(logits), nonfinite

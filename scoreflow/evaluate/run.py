@@ -53,11 +53,23 @@ settings; evaluations of other models or with other settings never share files. 
 the checkpoint: checkpoints are compared on common random numbers.
 
 Compute. The likelihood and sampling programs are compiled once and reused for every batch, shard and checkpoint
-(and memoised per process for the likelihood). Evaluation runs in one process; the examples of a batch (and of
-a sample shard) are split over its devices when their number divides the batch, which leaves the results
-unchanged (bits/dim bit-identical on 1 and 2 CPU devices). tqdm progress bars show each task. Cheap checks come
-first: the config, the Inception weights file's arrays and the reference splits are checked before any
-checkpoint is read.
+(and memoised per process for the likelihood). The examples of a batch (and of a sample shard) are split over the
+process's devices when their number divides the batch, which leaves the results unchanged (bits/dim bit-identical
+on 1 and 2 CPU devices). tqdm progress bars show each task. Cheap checks come first: the config, the Inception
+weights file's arrays and the reference splits are checked before any checkpoint is read.
+
+Several processes. Under `jax.distributed` (`run_eval.py --coordinator_address=HOST:PORT --num_processes=P
+--process_id=I`, the flags of `run_train.py`) every process runs `evaluate` with the same config; the workdir and
+`eval.output_dir` must be one shared filesystem. Each process restores the parameters onto its own devices and
+computes whole units there (no collective runs inside a unit, so a unit's numbers do not depend on the process
+that computed it): bits/dim batches, sample shards (also of the class-conditional sets), the Inception
+features of sample shards and the batches of inpainting and colorization are split over the processes, unit `i` to process `i mod P`
+(:mod:`~scoreflow.evaluate.units`); after each such loop the processes wait for one another and read the
+others' units back. Process 0 alone writes the shared files (`settings.json`, per-task and per-checkpoint
+`results.json`, grids, `per_example.npz`, `summary.json`, caches of reference statistics), prints, and runs the
+tasks that are not split (the digits metric); the others receive its results. With the
+same number of devices per process the results equal those of one process bit for bit. A process that fails
+stops the others.
 
 Layout under `eval.output_dir` (default `workdir/eval`)::
 
@@ -111,9 +123,10 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
     workdir: the run's directory (its `checkpoints/` and `snapshot/`).
 
   Returns:
-    `{"workdir", "checkpoints": [per-checkpoint results], "summary_file"}`, also written to
-    `<output_dir>/summary.json`; each checkpoint's results are in `<output_dir>/step_<N>-<ema|raw>-<hash>/
-    results.json`.
+    `{"workdir", "tasks", "num_processes", "checkpoints": [per-checkpoint results], "summary_file"}`, also
+    written to `<output_dir>/summary.json`; each checkpoint's results are in `<output_dir>/step_<N>-<ema|raw>-
+    <hash>/results.json`. Every process of a multi-process evaluation returns process 0's results (each
+    checkpoint's `seconds` are its own), once `summary.json` is written.
 
   Raises:
     ValueError: before any checkpoint is read: a bad config field, model-defining fields that differ from the
@@ -122,9 +135,16 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
       checkpoint that does not match the configured model (`CheckpointError`, naming the mismatched parameters
       and the config fields that differ from the workdir's `config.json`).
     FileNotFoundError: a tfds dataset (or reference split) that is not prepared, before any checkpoint is read.
+    PeerProcessError: (multi-process) another process stopped with an error.
   """
-  if jax.process_count() > 1:
-    raise ValueError("evaluate runs in a single process; start run_eval.py without --coordinator_address.")
+  try:
+    return _evaluate(config, workdir, experiment, settings)
+  except BaseException as error:
+    units.announce_failure(error)  # The other processes stop rather than wait for this one.
+    raise
+
+
+def _evaluate(config, workdir, experiment: Experiment | None, settings: EvalSettings | None) -> dict[str, Any]:
   experiment = experiment or build_experiment(config)
   settings = settings or build_eval_settings(config)
   workdir = os.fspath(workdir)
@@ -141,14 +161,19 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
         "describes (the results are kept apart from those of the run's own configuration).")
   output_dir = settings.output_dir or os.path.join(workdir, "eval")
   cache_dir = settings.cache_dir or os.path.join(output_dir, "cache")
+  # Opening the checkpoints is a barrier of Orbax's (an XLA collective) that would wait forever for a process that
+  # failed the checks above alone: the processes meet here first, where a failure is noticed.
+  units.gather("checkpoints opened", None)
   checkpointer = Checkpointer(workdir, async_save=False)
   try:
     chosen = ([("imported", None)] if settings.init_from else
               checkpoints.select_checkpoints(checkpointer.steps(), settings.checkpoints))
-    _check_reference_splits(experiment.data, settings)
-    element_shape, scaler = reference_lib.model_space(experiment.data)
+    with units.main_process_first("datasets prepared"):  # Reading the digits the first time prepares them.
+      _check_reference_splits(experiment.data, settings)
+      element_shape, scaler = reference_lib.model_space(experiment.data)
     setup = model_fields(config)
-    mesh = sharding.make_mesh()
+    # This process's devices: a unit runs on them whole, so several processes never meet inside a unit.
+    mesh = sharding.make_mesh(jax.local_devices())
     abstract_state = None if settings.init_from else experiment.abstract_train_state(element_shape, mesh)
     runners = tasks.TaskRunners(experiment, settings, element_shape, scaler, cache_dir, mesh)
     results = []
@@ -176,17 +201,28 @@ def evaluate(config, workdir: str | os.PathLike, *, experiment: Experiment | Non
       record: dict[str, Any] = {"step": step, "checkpoint": source, "params": params_kind,
                                 "directory": checkpoint_dir}
       for task in settings.tasks:
-        record[task] = getattr(runners, task)(params, checkpoint_dir, record)
+        run_task = getattr(runners, task)
+        if task in runners.SPLIT_TASKS:
+          result = run_task(params, checkpoint_dir, record)
+        elif units.is_main_process():
+          with units.single_process():
+            result = run_task(params, checkpoint_dir, record)
+        else:
+          result = None
+        record[task] = units.share(f"{name} {task}", result)  # Process 0's, once it has written its files.
       record["seconds"] = time.perf_counter() - started
-      io.write_json(os.path.join(checkpoint_dir, "results.json"), record)
+      if units.is_main_process():
+        io.write_json(os.path.join(checkpoint_dir, "results.json"), record)
       units.say(report.format_results(record))
       results.append(record)
   finally:
     checkpointer.close()
-  summary = {"workdir": workdir, "tasks": list(settings.tasks), "checkpoints": results,
-             "summary_file": os.path.join(output_dir, "summary.json")}
-  io.write_json(summary["summary_file"], summary)
+  summary = {"workdir": workdir, "tasks": list(settings.tasks), "num_processes": jax.process_count(),
+             "checkpoints": results, "summary_file": os.path.join(output_dir, "summary.json")}
+  if units.is_main_process():
+    io.write_json(summary["summary_file"], summary)
   units.say(f"Results: {summary['summary_file']}")
+  units.gather("summary written", None)
   return summary
 
 
@@ -198,9 +234,24 @@ def compute_reference_statistics(config, workdir: str | os.PathLike, *, experime
   `eval.fid.reference_split` (the moments and, with KID, the features), are written to `eval.cache_dir` (default
   `workdir/eval/cache`).
 
+  In a multi-process run process 0 computes them while the others wait.
+
   Returns:
     `{name: path}` of the cached files.
   """
+  try:
+    if not units.is_main_process():
+      return units.share("reference statistics", None)
+    with units.single_process():
+      paths = _compute_reference_statistics(config, workdir, experiment, settings)
+    return units.share("reference statistics", paths)
+  except BaseException as error:
+    units.announce_failure(error)
+    raise
+
+
+def _compute_reference_statistics(config, workdir, experiment: Experiment | None, settings: EvalSettings | None
+                                  ) -> dict[str, str]:
   experiment = experiment or build_experiment(config)
   settings = settings or build_eval_settings(config)
   output_dir = settings.output_dir or os.path.join(os.fspath(workdir), "eval")

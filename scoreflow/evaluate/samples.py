@@ -55,44 +55,61 @@ def generate_samples(sample_shard: Callable[[int], tuple[np.ndarray, dict]], dir
   one) is drawn again; the draw is keyed by the shard index, so its first samples are the same. Samples with a
   NaN or infinite value are kept in the shards and counted (`num_nonfinite`).
 
+  In a multi-process evaluation every process calls this: each draws its shards (:func:`units.assigned_units`),
+  all wait for one another (:func:`units.gather`), and each reads the others' shards back from the shared
+  `directory`; every process returns the same result, the counts summed over the processes.
+
   Args:
     sample_shard: `sample_shard(i) -> (x [shard_size, *D], info)` with `info` a dict of scalars; it must be
       deterministic in `i` (e.g. keyed by `fold_in(key, i)`).
     directory: the shards' directory (created if needed).
     num_samples, shard_size: how many samples, and how many per call.
-    progress_bar: show a tqdm bar.
+    progress_bar: show a tqdm bar (of this process's shards).
   """
   os.makedirs(directory, exist_ok=True)
   num_shards = -(-num_samples // shard_size)
-  computed = reused = 0
-  nfe, failed, nonfinite, shape = [], 0, 0, None
-  bar = units.progress(num_samples, 0, "samples", "sample", progress_bar)
-  try:
-    for index in range(num_shards):
-      needed = min(shard_size, num_samples - index * shard_size)
 
-      def draw(index=index, needed=needed):
+  def needed(index):
+    return min(shard_size, num_samples - index * shard_size)
+
+  def fits(shard, index):
+    return shard["samples"].shape[0] >= needed(index)
+
+  def summary(shard, index):  # What the result needs of a shard; the samples themselves are not kept.
+    return (tuple(shard["samples"].shape[1:]), float(np.mean(shard["nfe"])) if "nfe" in shard else float("nan"),
+            int(np.any(shard.get("status", 0) != 0)),
+            int(needed(index) - np.sum(finite_rows(shard["samples"][:needed(index)]))))
+
+  mine = units.assigned_units(num_shards)
+  summaries, computed = {}, 0
+  bar = units.progress(sum(needed(index) for index in mine), 0, "samples", "sample", progress_bar)
+  try:
+    for index in mine:
+
+      def draw(index=index):
         x, info = sample_shard(index)
         x = np.asarray(x)
         if x.shape[0] != shard_size:
           raise ValueError(f"generate_samples: sample_shard({index}) returned {x.shape[0]} samples, expected "
                            f"shard_size={shard_size}.")
-        return {"samples": x[:needed], **{name: np.asarray(value) for name, value in info.items()}}
+        return {"samples": x[:needed(index)], **{name: np.asarray(value) for name, value in info.items()}}
 
       shard, was_computed = units.resumable_unit(shard_path(directory, index), draw,
-                                                 fits=lambda shard, needed=needed: shard["samples"].shape[0] >= needed)
+                                                 fits=lambda shard, index=index: fits(shard, index))
       computed += was_computed
-      reused += not was_computed
-      shape = tuple(shard["samples"].shape[1:])
-      nfe.append(float(np.mean(shard["nfe"])) if "nfe" in shard else float("nan"))
-      failed += int(np.any(shard.get("status", 0) != 0))
-      nonfinite += int(needed - np.sum(finite_rows(shard["samples"][:needed])))
-      bar.update(needed)
+      summaries[index] = summary(shard, index)
+      bar.update(needed(index))
   finally:
     bar.close()
-  return SampleResult(num_samples=num_samples, num_shards=num_shards, shape=shape, nfe_mean=float(np.mean(nfe)),
-                      num_failed_shards=failed, num_nonfinite=nonfinite, computed_shards=computed,
-                      reused_shards=reused, directory=directory)
+  computed = sum(units.gather(f"samples {directory}", computed))
+  for index in range(num_shards):  # The other processes' shards.
+    if index not in summaries:
+      summaries[index] = summary(units.read_unit(shard_path(directory, index),
+                                                 lambda shard, index=index: fits(shard, index)), index)
+  shapes, nfe, failed, nonfinite = zip(*(summaries[index] for index in range(num_shards)))
+  return SampleResult(num_samples=num_samples, num_shards=num_shards, shape=shapes[-1], nfe_mean=float(np.mean(nfe)),
+                      num_failed_shards=sum(failed), num_nonfinite=sum(nonfinite), computed_shards=computed,
+                      reused_shards=num_shards - computed, directory=directory)
 
 
 def load_shard(directory: str, index: int) -> np.ndarray:

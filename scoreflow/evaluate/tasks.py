@@ -41,7 +41,19 @@ def sampler_description(experiment: Experiment) -> dict[str, Any]:
 class TaskRunners:
   """One method per task: `task(params, checkpoint_dir, record) -> results dict`; compiled functions are built
   once and reused for every checkpoint. `scaler` is the training stream's (:func:`model_space`): it decodes
-  samples."""
+  samples; `mesh` holds this process's devices, over which a batch is split.
+
+  In a multi-process evaluation (:mod:`~scoreflow.evaluate.units`) every process calls the tasks of
+  :attr:`SPLIT_TASKS`, which split their units over the processes and leave the shared files and whole-set
+  metrics to process 0 (whose results dict counts: the others may return None); process 0 runs every other task
+  alone, within :func:`units.single_process`.
+  """
+
+  # The tasks whose units (bits/dim batches, sample shards, Inception features of shards, batches of an inverse
+  # problem) every process shares.
+  # The digits metric is left to process 0: its 34k-parameter perceptron scores 10k samples in under a GFLOP, not
+  # worth a round of waiting for one another.
+  SPLIT_TASKS = frozenset({"bpd", "bound", "samples", "conditional", "fid", "inpaint", "colorize"})
 
   def __init__(self, experiment, settings: EvalSettings, element_shape, scaler, cache_dir, mesh=None):
     self.experiment, self.settings = experiment, settings
@@ -79,12 +91,12 @@ class TaskRunners:
     fn = make_fn(levels)
     to_values = (lambda batch: stream.scaler.to_levels(batch["x"])) if discrete else (lambda batch: batch["x"])
     batches = bpd_lib.bpd_batches((to_values(batch) for batch in stream), num_examples)
-    split_examples = self._batch_sharding(batch_size)
-    if split_examples is not None:
-      batches = ((index, jax.device_put(values, split_examples), num_valid) for index, values, num_valid in batches)
+    split_examples = self._batch_sharding(batch_size)  # Placed only for the batches this process computes.
+    place = (lambda values: values) if split_examples is None else (
+        lambda values: jax.device_put(values, split_examples))
     started = time.perf_counter()
     try:
-      result = bpd_lib.evaluate_bpd(lambda key, values: fn(params, key, values), batches, directory,
+      result = bpd_lib.evaluate_bpd(lambda key, values: fn(params, key, place(values)), batches, directory,
                                     key=jax.random.fold_in(jax.random.key(self.settings.seed), BPD_KEY),
                                     num_examples=num_examples, num_repeats=num_repeats,
                                     progress_bar=self.settings.progress_bar)
@@ -107,7 +119,8 @@ class TaskRunners:
     out, directory = self._split_bits(params, checkpoint_dir, "bpd", bpd.split, bpd.num_examples, bpd.num_repeats,
                                       bpd.likelihood_kwargs(), make_fn)
     out.update(divergence=bpd.divergence, num_probes=bpd.num_probes, rtol=bpd.rtol, atol=bpd.atol, eps=bpd.eps)
-    io.write_json(os.path.join(directory, "results.json"), out)
+    if units.is_main_process():
+      io.write_json(os.path.join(directory, "results.json"), out)
     return out
 
   def bound(self, params, checkpoint_dir, record):
@@ -123,7 +136,8 @@ class TaskRunners:
                                       make_fn)
     kind = ("ddpm_vlb" if experiment.process.chain_loss == "ddpm" else "continuous")
     out.update(kind=kind, **options)
-    io.write_json(os.path.join(directory, "results.json"), out)
+    if units.is_main_process():
+      io.write_json(os.path.join(directory, "results.json"), out)
     return out
 
   # --- samples ---
@@ -152,6 +166,8 @@ class TaskRunners:
     started = time.perf_counter()
     result = samples_lib.generate_samples(sample_shard, directory, num_samples=settings.num_samples,
                                           shard_size=settings.shard_size, progress_bar=self.settings.progress_bar)
+    if not units.is_main_process():
+      return None
     out = {**result.to_dict(), "sampler": sampler_description(self.experiment),
            "seconds": time.perf_counter() - started, "compilations": sample_fn._cache_size()}
     if settings.grid_size:
@@ -242,7 +258,8 @@ class TaskRunners:
           return sampler(key, experiment.sampling_sde, guided, shape, **options)
 
       self._conditional_fn = jax.jit(draw, out_shardings=None if split_examples is None else (split_examples, None))
-    sample_fn, judge = self._conditional_fn, self._digits_judge()
+    sample_fn = self._conditional_fn
+    judge = self._digits_judge() if units.is_main_process() else None
     key = jax.random.fold_in(jax.random.key(self.settings.seed), CONDITIONAL_KEY)
     started, per_scale = time.perf_counter(), []
     for guidance_scale in settings.guidance_scales:
@@ -260,6 +277,8 @@ class TaskRunners:
 
       result = samples_lib.generate_samples(sample_shard, directory, num_samples=num_samples,
                                             shard_size=settings.shard_size, progress_bar=self.settings.progress_bar)
+      if not units.is_main_process():
+        continue  # Process 0 draws the grid, judges the samples and writes the results.
       samples = samples_lib.load_samples(directory, num_samples, settings.shard_size)
       entry = {"guidance_scale": guidance_scale, **result.to_dict()}
       grid = controllable.class_grid(samples, num_classes, settings.grid_columns)
@@ -271,6 +290,8 @@ class TaskRunners:
         entry.update(self._judged(judge, samples, controllable.class_labels(0, num_samples, num_classes)))
       io.write_json(os.path.join(directory, "results.json"), entry)
       per_scale.append(entry)
+    if not units.is_main_process():
+      return None
     return {"num_classes": num_classes, "samples_per_class": settings.samples_per_class, "guided_by": guided_by,
             "sampler": sampler_description(experiment), "scales": per_scale, "seconds": time.perf_counter() - started,
             "compilations": sample_fn._cache_size()}
@@ -332,6 +353,8 @@ class TaskRunners:
                                             num_examples=num_examples, progress_bar=self.settings.progress_bar)
     finally:
       stream.close()
+    if not units.is_main_process():
+      return None  # Process 0 judges the completions, draws the grid and writes the results.
     truth, completed = result["truth"], result["completed"]
     region = np.broadcast_to(mask < 1, truth.shape) if mask is not None else np.ones(truth.shape, bool)
     error = (completed - truth)[region]
@@ -383,7 +406,12 @@ class TaskRunners:
 
   def fid(self, params, checkpoint_dir, record):
     started = time.perf_counter()
-    variables, digest, reference, path, kid_path = self.fid_reference()
+    main = units.is_main_process()
+    if main:  # Process 0 computes (or reads) the reference statistics; the others need only their file names.
+      variables, digest, reference, path, kid_path = self.fid_reference()
+    else:
+      variables, digest, reference = None, reference_lib.weights_digest(self.settings.fid.inception_path), None
+    path, kid_path = units.share("fid reference", [path, kid_path] if main else None)
     samples = self.settings.samples
     directory = record["samples"]["directory"]
     # The metrics of these samples against this reference: computed once (the 2048-d Fréchet distance alone
@@ -392,13 +420,15 @@ class TaskRunners:
         {"reference": os.path.basename(path), "kid_reference": os.path.basename(kid_path or ""),
          "num_samples": samples.num_samples, **dataclasses.asdict(self.settings.fid),
          "inception_path": digest}) + ".json")
-    if os.path.isfile(result_path):
+    if os.path.isfile(result_path):  # Written after the last wait below: every process sees the same.
       with open(result_path) as file:
         return {**json.load(file), "reused": True}
     variables = variables or inception.load_fid_inception(self.settings.fid.inception_path)
     pool, logits, nonfinite = reference_lib.inception_sample_outputs(
         variables, directory, digest, samples.num_samples, samples.shard_size, self.scaler.to_uint8,
         batch_size=self.settings.batch_size, progress_bar=self.settings.progress_bar)
+    if not main:
+      return None
     out = {**reference_lib.inception_metrics(pool, logits, reference, self.settings.fid),
            "num_nonfinite_samples": nonfinite, "reference": path, "kid_reference": kid_path,
            "reference_num_examples": reference.num_examples, "seconds": time.perf_counter() - started}
