@@ -43,4 +43,12 @@ def get_config():
   config.sampling.dpm_order = 2
   config.sampling.num_samples = 64
   config.eval.samples.num_samples = 1000
+  # Inpainting with reconstruction guidance (PiGDM for pixels of standard deviation ~0.5, switched on below
+  # t = 0.4, where the network's denoiser Jacobian can be trusted; 10x its derived weight): on the 1500-step
+  # checkpoint the digits classifier recognises 84.9 % of the test digits whose lower half it completed, against
+  # 67.6 % by replacement alone (`--config.eval.inverse.guidance=none`; bench/RESULTS.md).
+  config.eval.inverse.guidance = "pigdm"
+  config.eval.inverse.data_std = 0.5
+  config.eval.inverse.guidance_t_max = 0.4
+  config.eval.inverse.guidance_scale = 10.0
   return config

@@ -80,5 +80,6 @@ from scoreflow.guidance import colorize_sample as colorize_sample
 from scoreflow.guidance import conditional_score as conditional_score
 from scoreflow.guidance import inpaint_sample as inpaint_sample
 from scoreflow.guidance import linear_inverse_score as linear_inverse_score
+from scoreflow.guidance import masked_inverse_score as masked_inverse_score
 
 __version__ = "0.1.0"

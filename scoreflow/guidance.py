@@ -53,6 +53,7 @@ from scoreflow.sde import AbstractSDE
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 CondScoreFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 LinearInverseMethod = Literal["tweedie", "pigdm", "dps"]
+MaskedInverseMethod = Literal["pigdm", "dps"]
 
 
 # --- Small helpers (shape checks happen at trace time; value checks only on concrete values). ------------------
@@ -330,6 +331,91 @@ def linear_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, A, y, noise_std, *
   return guided
 
 
+def masked_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, y, mask, *, method: MaskedInverseMethod = "pigdm",
+                         noise_std=0.0, data_std=1.0, scale=1.0, t_max=None) -> ScoreFn:
+  r""":func:`linear_inverse_score` for inpainting: :math:`A` selects the coordinates where `mask == 1`, and is never
+  formed.
+
+  A selection has :math:`A A^\top = I`, so the `"pigdm"` and `"dps"` covariances are multiples of the identity,
+  :math:`S_t = (c_t + \sigma_y^2) I` with :math:`c_t = r_t^2 = \sigma_t^2 s^2/(\alpha_t^2 s^2 + \sigma_t^2)`
+  (`"pigdm"`, `s = data_std`) or :math:`c_t = 0` (`"dps"`), and the likelihood term is
+
+  .. math:: \nabla_{x_t}\log p_t(y \mid x_t) \approx \frac{J^\top[m \odot (y - \hat x_0(x_t))]}{c_t + \sigma_y^2},
+      \qquad J^\top v = \frac{v + \sigma_t^2\, (\partial s_\theta/\partial x_t)^\top v}{\alpha_t}.
+
+  One network evaluation and one VJP per call, O(d) memory: what :func:`linear_inverse_score` computes with the
+  explicit selection matrix (an `m x d` matrix and an `m x m` solve per example), for images of any size. Used with
+  replacement by :func:`inpaint_sample` (`guidance=`), the combination that Ho et al. (2022) call reconstruction
+  guidance: replacement keeps the observed coordinates on the forward process from `y`, the gradient pulls the
+  unobserved ones towards completions whose denoised observed part agrees with `y`.
+
+  With a trained network the term can only be trusted at low noise: :math:`J` divides the network's Jacobian by
+  :math:`\alpha_t`, so at high noise (VP: :math:`\alpha_1 \approx 0.007`) any error in it is amplified a
+  hundredfold and the sampler diverges (measured on the digits model: completions of magnitude 1e5). `t_max`
+  switches the term off at :math:`t > t_{max}`, where the sampler then follows the prior score and the replacement
+  alone, and skips the VJP there (`lax.cond`).
+
+  Args:
+    score_fn: the prior score `score_fn(x [B, *D], t [B]) -> [B, *D]`.
+    sde: the forward process.
+    y: the observation, `[B, *D]` (its values where `mask == 0` are ignored).
+    mask: 1 (or True) where observed; broadcastable to `y` with the same number of axes.
+    method: `"pigdm"` or `"dps"` (see :func:`linear_inverse_score`).
+    noise_std: :math:`\sigma_y \ge 0`; `"dps"` needs it positive.
+    data_std: the data standard deviation `"pigdm"` assumes.
+    scale: the multiplier :math:`\lambda` of the likelihood term (a scalar or `[B]`).
+    t_max: apply the likelihood term only at times :math:`t \le t_{max}` (None: at every time).
+
+  Returns:
+    `score_fn(x [B, *D], t [B] or scalar) -> [B, *D]`.
+
+  Raises:
+    ValueError: for an unknown `method`, a mask that does not broadcast or is not binary, a negative `noise_std`,
+      `noise_std = 0` with `"dps"`, or a `t_max` that is not a positive number.
+  """
+  owner = "masked_inverse_score"
+  if method not in ("pigdm", "dps"):
+    raise ValueError(f"{owner}: unknown method {method!r}; choose 'pigdm' or 'dps' (for 'tweedie', pass the "
+                     "selection matrix to linear_inverse_score).")
+  y = jnp.asarray(y)
+  observed = _check_mask(owner, mask, y.shape)
+  noise_value = concrete_value(noise_std)
+  if noise_value is not None and (np.ndim(noise_value) != 0 or not noise_value >= 0):
+    raise ValueError(f"{owner}: noise_std must be a scalar >= 0, got {np.asarray(noise_value).tolist()}.")
+  if method == "dps" and noise_value is not None and noise_value == 0:
+    raise ValueError(f"{owner}: method 'dps' needs noise_std > 0 (its likelihood is degenerate otherwise); use "
+                     "method='pigdm' for noiseless observations.")
+  scale = _check_scalar_or_batch(owner, "scale", scale)
+  if t_max is not None and (isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not t_max > 0):
+    raise ValueError(f"{owner}: t_max must be a positive time (or None for every time), got {t_max!r}.")
+
+  def guided(x, t):
+    if x.shape != y.shape:
+      raise ValueError(f"{owner}: x has shape {x.shape} but the observation y has shape {y.shape}.")
+    t = _batch_time(owner, t, x)
+    _check_scalar_or_batch(owner, "scale", scale, x.shape[0])
+    active = jnp.ones(t.shape, bool) if t_max is None else t <= t_max
+
+    def with_likelihood(x):
+      alpha, sigma2 = per_example(sde.alpha(t), x), per_example(sde.sigma(t) ** 2, x)
+      score, score_vjp = jax.vjp(lambda x: score_fn(x, t).astype(x.dtype), x)
+      x0_hat = (x + sigma2 * score) / alpha
+      variance = jnp.asarray(noise_std, x.dtype) ** 2
+      if method == "pigdm":
+        s2 = jnp.asarray(data_std, x.dtype) ** 2
+        variance = variance + sigma2 * s2 / (alpha**2 * s2 + sigma2)
+      weighted = jnp.where(observed, y.astype(x.dtype) - x0_hat, 0) / variance
+      (score_grad,) = score_vjp(weighted)
+      likelihood_grad = (weighted + sigma2 * score_grad) / alpha
+      return score + jnp.where(per_example(active, x) > 0, per_example(scale, x) * likelihood_grad, 0)
+
+    if t_max is None:
+      return with_likelihood(x)
+    return jax.lax.cond(jnp.any(active), with_likelihood, lambda x: score_fn(x, t).astype(x.dtype), x)
+
+  return guided
+
+
 # --- Replacement samplers: inpainting and colorization. --------------------------------------------------------
 
 def _check_mask(owner: str, mask, shape) -> jax.Array:
@@ -380,8 +466,10 @@ def _sample_dtype(owner: str, x, dtype):
 def inpaint_sample(key, sde: AbstractSDE, score_fn: ScoreFn, x_observed, mask, *,
                    predictor: str | Predictor = "reverse_diffusion", corrector: str | Corrector = "langevin",
                    num_steps: int = 1000, snr=0.16, n_corrector_steps: int = 1, eps=1e-3, denoise: bool = True,
-                   corrector_first: bool = False, dtype=None) -> tuple[jax.Array, SampleInfo]:
-  r"""Inpainting by replacement with a predictor-corrector sampler (Song et al. 2021, Appendix I.2).
+                   corrector_first: bool = False, guidance: MaskedInverseMethod | None = None, guidance_scale=1.0,
+                   data_std=1.0, noise_std=0.0, guidance_t_max=None, dtype=None) -> tuple[jax.Array, SampleInfo]:
+  r"""Inpainting by replacement with a predictor-corrector sampler (Song et al. 2021, Appendix I.2), optionally
+  with reconstruction guidance (Ho et al. 2022).
 
   On the grid :math:`T = t_0 > \dots > t_N = \epsilon` it runs :func:`~scoreflow.sampling.pc_sample`'s steps and,
   after every predictor step and every single corrector step (at time :math:`t`), replaces the observed
@@ -397,7 +485,10 @@ def inpaint_sample(key, sde: AbstractSDE, score_fn: ScoreFn, x_observed, mask, *
   the unobserved ones does not depend on the observed ones and this samples the exact conditional. Otherwise it is
   biased, even for Gaussian data: the score sees :math:`x_{t,o} \sim p(x_{t,o} \mid x_{0,o} = y)`, not
   :math:`p(x_{t,o} \mid x_{0,o} = y, x_{t,u})`. For strongly correlated coordinates prefer
-  :func:`linear_inverse_score` with a selection matrix `A`.
+  :func:`linear_inverse_score` with a selection matrix `A`, or add `guidance`: the sampler then follows
+  :func:`masked_inverse_score` (`"pigdm"` or `"dps"`, weighted by `guidance_scale`) instead of the prior score,
+  which tells the unobserved coordinates about the observation through the network's Jacobian (one VJP per
+  network evaluation, about 3x the cost). Replacement and the exact observed values at the end stay.
 
   `num_steps`, `n_corrector_steps`, the names, `denoise`, `corrector_first` and `dtype` fix the program; jit with
   them (and `score_fn`) closed over. A new key, observation or mask does not recompile; it runs under `jax.vmap`.
@@ -418,6 +509,9 @@ def inpaint_sample(key, sde: AbstractSDE, score_fn: ScoreFn, x_observed, mask, *
     eps: the last time :math:`\epsilon \in (0, T)`.
     denoise: finish with Tweedie's denoiser :math:`(x + \sigma_\epsilon^2 s(x, \epsilon))/\alpha_\epsilon`.
     corrector_first: correct before predicting at each level (the 2021 inpainting code's order).
+    guidance: None (replacement only), `"pigdm"` or `"dps"`: the :func:`masked_inverse_score` to sample with.
+    guidance_scale, data_std, noise_std, guidance_t_max: its `scale`, `data_std`, `noise_std` and `t_max` (used
+      only with `guidance`).
     dtype: the samples' floating dtype (default: that of `x_observed`, else float32).
 
   Returns:
@@ -446,6 +540,10 @@ def inpaint_sample(key, sde: AbstractSDE, score_fn: ScoreFn, x_observed, mask, *
                      f"{x_observed.shape}.")
   dtype = _sample_dtype(owner, x_observed, dtype)
   observed = _check_mask(owner, mask, x_observed.shape)
+  if guidance is not None:
+    score_fn = masked_inverse_score(score_fn, sde, x_observed.astype(dtype), observed, method=guidance,
+                                    noise_std=noise_std, data_std=data_std, scale=guidance_scale,
+                                    t_max=guidance_t_max)
   return _replacement_pc_sample(owner, key, sde, score_fn, x_observed, observed, predictor=predictor,
                                 corrector=corrector, num_steps=num_steps, snr=snr,
                                 n_corrector_steps=n_corrector_steps, eps=eps, denoise=denoise,

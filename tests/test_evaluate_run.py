@@ -140,6 +140,17 @@ def test_bad_eval_settings_name_the_field(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="config.eval.bpd.num_examples must be > 0 for the toy density"):
     eval_config.build_eval_settings(toy_config(**{"bpd.num_examples": 0}))
   config = with_eval(default.get_config())
+  config.eval.tasks = "inpaint"
+  config.eval.inverse.guidance = "dps"
+  with pytest.raises(config_lib.ConfigError, match=r"guidance='dps' needs config.eval.inverse.noise_std > 0"):
+    eval_config.build_eval_settings(config)
+  config.eval.inverse.guidance = "tweedie"
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval.inverse.guidance"):
+    eval_config.build_eval_settings(config)
+  config.eval.inverse.guidance, config.eval.inverse.guidance_t_max = "pigdm", 0.0
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval.inverse.guidance_t_max"):
+    eval_config.build_eval_settings(config)
+  config = with_eval(default.get_config())
   config.eval.tasks = "fid"
   with pytest.raises(config_lib.ConfigError, match=r"inception_path is empty.*pt_inception-2015-12-05-6726825d\.pth"):
     eval_config.build_eval_settings(config)

@@ -186,6 +186,14 @@ def test_inpainting_task_completes_test_digits_keeping_what_is_observed(publishe
   assert again["mse"] == result["mse"]
   assert mtimes == {name: os.stat(os.path.join(result["directory"], name)).st_mtime_ns for name in batches}
   assert "inpainting (lower_half generated)" in run.report.format_results(summary["checkpoints"][0])
+  # Reconstruction guidance: another directory, the same observed half, other completions.
+  config.eval.inverse.guidance, config.eval.inverse.guidance_t_max = "pigdm", 0.9
+  guided = run.evaluate(config, workdir)["checkpoints"][0]["inpaint"]
+  assert guided["directory"] != result["directory"] and guided["observed_preserved"]
+  assert guided["sampler"]["guidance"] == "pigdm" and guided["sampler"]["guidance_t_max"] == 0.9
+  guided_batch = np.load(os.path.join(guided["directory"], batches[0]))
+  np.testing.assert_array_equal(guided_batch["completed"][:, :4], saved["truth"][:, :4])
+  assert not np.allclose(guided_batch["completed"][:, 4:], saved["completed"][:, 4:])
 
 
 def test_colorization_task_keeps_the_grey_levels_of_rgb_images(tmp_path):

@@ -27,7 +27,7 @@ import scoreflow as sf
 from scoreflow import sampling
 from scoreflow.guidance import (classifier_free_score, classifier_guided_score, colorize_sample, conditional_score,
                                 color_decoupling_matrix, couple_colors, decouple_colors, inpaint_sample,
-                                linear_inverse_score)
+                                linear_inverse_score, masked_inverse_score)
 from scoreflow.testing import (GaussianMixture, LabelledGaussianMixture, MultivariateGaussian,
                                affine_score_moments)
 
@@ -111,6 +111,8 @@ def _single_gaussian_classes():
 
 CORRELATED = MultivariateGaussian(jnp.array([0.5, -1.0, 0.2]),
                                   jnp.array([[1.0, 0.8, 0.3], [0.8, 1.0, 0.5], [0.3, 0.5, 0.8]]))
+ISOTROPIC_STD = 0.8
+ISOTROPIC = MultivariateGaussian(jnp.array([0.5, -1.0, 0.2]), ISOTROPIC_STD**2 * jnp.eye(3))
 INDEPENDENT = MultivariateGaussian(jnp.array([0.5, -1.0, 0.2]), jnp.diag(jnp.array([1.0, 0.6, 0.8])))
 
 
@@ -187,6 +189,41 @@ def test_pigdm_is_exact_for_isotropic_data_and_dps_is_not(process, getkey):
   np.testing.assert_allclose(pigdm(x, t), expected, rtol=1e-8, atol=1e-8)
   dps = linear_inverse_score(isotropic.score(sde), sde, A, y, noise_std, method="dps")
   assert np.max(np.abs(dps(x, t) - expected)) > 1e-2  # DPS drops Cov[x0 | xt]: a real error, not round-off.
+
+
+@pytest.mark.parametrize("process", list(SDES))
+@pytest.mark.parametrize("method, noise_std", [("pigdm", 0.0), ("pigdm", 0.2), ("dps", 0.2)])
+def test_masked_inverse_score_is_the_selection_matrix_form(process, method, noise_std, getkey):
+  """The mask form (one VJP, no matrix) equals linear_inverse_score with the explicit selection matrix and its
+  solve, and with isotropic data (pigdm's assumption) both equal the exact posterior score."""
+  sde = SDES[process]
+  x, t = _points(getkey(), 6, 3), jnp.linspace(0.02, 0.95, 6) * sde.T
+  y = jax.random.normal(getkey(), (6, 3), jnp.float64)
+  mask, A = jnp.array([[1, 0, 1]]), jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+  for prior, data_std in ((CORRELATED, 0.7), (ISOTROPIC, ISOTROPIC_STD)):
+    got = jax.jit(masked_inverse_score(prior.score(sde), sde, y, mask, method=method, noise_std=noise_std,
+                                       data_std=data_std))(x, t)
+    dense = jax.jit(linear_inverse_score(prior.score(sde), sde, A, y[:, ::2], noise_std, method=method,
+                                         data_std=data_std))(x, t)
+    np.testing.assert_allclose(got, dense, rtol=1e-9, atol=1e-9)
+  exact = _perturbed_posterior_score(ISOTROPIC, sde, A, y[:, ::2], noise_std, x, t)
+  if method == "pigdm":
+    np.testing.assert_allclose(got, exact, rtol=1e-9, atol=1e-9)
+  else:  # DPS drops Cov[x0 | xt]: not the posterior score.
+    assert np.max(np.abs(got - exact)) > 1e-2
+
+
+def test_masked_inverse_score_t_max_switches_the_likelihood_off():
+  y, mask = jnp.full((4, 3), 0.7), jnp.array([[1, 0, 0]])
+  x, prior = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64), CORRELATED.score(VP)
+  full = masked_inverse_score(prior, VP, y, mask, data_std=0.8)
+  cut = jax.jit(masked_inverse_score(prior, VP, y, mask, data_std=0.8, t_max=0.5))
+  t = jnp.array([0.2, 0.5, 0.6, 0.9])
+  got = cut(x, t)
+  np.testing.assert_allclose(got[:2], full(x, t)[:2], rtol=1e-12)
+  np.testing.assert_array_equal(got[2:], prior(x[2:], t[2:]))
+  np.testing.assert_array_equal(cut(x, jnp.full(4, 0.7)), prior(x, jnp.full(4, 0.7)))  # The cond's other branch.
+  assert np.max(np.abs(full(x, t)[2:] - prior(x[2:], t[2:]))) > 1e-2
 
 
 def test_color_decoupling_matrix():
@@ -377,6 +414,49 @@ def test_inpainting_is_biased_for_correlated_coordinates_as_predicted():
                                  jnp.array([0.1, 0.6])), rtol=1e-8)
 
 
+def test_reconstruction_guidance_samples_its_predicted_law_and_reduces_the_replacement_bias():
+  """Replacement + pigdm guidance (inpaint_sample(guidance="pigdm")) on correlated data: the samples match the law
+  that its affine score implies (replacement limit, as above) and that law is closer to the posterior than
+  replacement alone."""
+  posterior = CORRELATED.condition(jnp.array([[1.0, 0.0, 0.0]]), jnp.array([Y_OBSERVED]))
+  target_mean, target_cov = posterior.mean[1:], posterior.cov[1:, 1:]
+  options = dict(guidance="pigdm", data_std=1.0)
+  x, _ = _inpaint(CORRELATED, jax.random.key(9), **options)
+  assert np.all(np.asarray(x[:, 0]) == Y_OBSERVED)
+  guided_prior = MaskedPrior(CORRELATED, **options)
+  mean, cov = _replacement_limit(guided_prior)
+  assert_gaussian(x[:, 1:], mean, cov, label="guided inpainting vs its replacement limit")
+  plain_mean, plain_cov = _replacement_limit(CORRELATED)
+
+  def distance(mean, cov):  # KL(law || posterior) of the unobserved coordinates.
+    inverse = np.linalg.inv(np.asarray(target_cov))
+    diff = np.asarray(target_mean - mean)
+    return 0.5 * (np.trace(inverse @ cov) + diff @ inverse @ diff - 2 + np.log(np.linalg.det(target_cov) /
+                                                                             np.linalg.det(cov)))
+
+  guided_kl, plain_kl = distance(mean, cov), distance(plain_mean, plain_cov)
+  assert guided_kl < 0.5 * plain_kl
+  _report("reconstruction_guidance_correlated", kl_guided=round(float(guided_kl), 5),
+          kl_replacement=round(float(plain_kl), 5),
+          guided_mean_minus_posterior=np.round(np.asarray(mean - target_mean), 4).tolist(),
+          max_z_samples_vs_prediction=round(_max_z(x[:, 1:], mean, cov), 2))
+
+
+class MaskedPrior:
+  """A prior whose `score(sde)` is the reconstruction-guided score of CORRELATED for the observation Y_OBSERVED
+  of the first coordinate (what inpaint_sample(guidance=...) samples with)."""
+
+  def __init__(self, prior, **options):
+    self.prior, self.options = prior, options
+
+  def score(self, sde):
+    def score_fn(x, t):
+      y = jnp.zeros_like(x).at[:, 0].set(Y_OBSERVED)
+      return masked_inverse_score(self.prior.score(sde), sde, y, jnp.array([[1, 0, 0]]), method=self.options[
+          "guidance"], data_std=self.options["data_std"])(x, t)
+    return score_fn
+
+
 def test_colorization_is_exact_when_grey_and_chroma_are_independent():
   """Sigma = a I + b 11^T is diagonal in the grey/chroma basis, so replacement samples the exact posterior."""
   prior = MultivariateGaussian(jnp.array([0.2, -0.3, 0.5]), 0.3 * jnp.eye(3) + 0.5 * jnp.ones((3, 3)))
@@ -513,5 +593,17 @@ def test_bad_input_raises_clear_errors():
     linear_inverse_score(score_fn, VP, jnp.ones((1, 3)), jnp.ones(1), -0.1)
   with pytest.raises(ValueError, match="'dps' needs noise_std > 0"):
     linear_inverse_score(score_fn, VP, jnp.ones((1, 3)), jnp.ones(1), 0.0, method="dps")
+  with pytest.raises(ValueError, match="choose 'pigdm' or 'dps'"):
+    masked_inverse_score(score_fn, VP, y, jnp.ones((1, 3)), method="tweedie")
+  with pytest.raises(ValueError, match="mask must be binary"):
+    masked_inverse_score(score_fn, VP, y, jnp.full((1, 3), 0.5))
+  with pytest.raises(ValueError, match="'dps' needs noise_std > 0"):
+    masked_inverse_score(score_fn, VP, y, jnp.ones((1, 3)), method="dps")
+  with pytest.raises(ValueError, match="t_max must be a positive time"):
+    masked_inverse_score(score_fn, VP, y, jnp.ones((1, 3)), t_max=0.0)
+  with pytest.raises(ValueError, match="x has shape"):
+    masked_inverse_score(score_fn, VP, y, jnp.ones((1, 3)))(jnp.zeros((2, 3)), jnp.ones(2))
+  with pytest.raises(ValueError, match="unknown method"):
+    inpaint_sample(key, VP, score_fn, y, jnp.ones((1, 3)), num_steps=2, guidance="ddrm")
   with pytest.raises(ValueError, match="A has 2 columns"):
     linear_inverse_score(score_fn, VP, jnp.ones((1, 2)), jnp.ones(1), 0.1)(y, jnp.ones(4))

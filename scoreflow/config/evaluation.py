@@ -38,7 +38,8 @@ def eval_config() -> ml_collections.ConfigDict:
       conditional=dict(guidance_scales="0,1,3", samples_per_class=100, shard_size=500, grid_columns=10,
                        classifier_workdir=""),
       inverse=dict(split="test", num_examples=0, mask="lower_half", predictor="reverse_diffusion",
-                   corrector="langevin", num_steps=500, snr=0.16, n_corrector_steps=1, eps=1e-3, grid_size=16),
+                   corrector="langevin", num_steps=500, snr=0.16, n_corrector_steps=1, eps=1e-3, guidance="none",
+                   guidance_scale=1.0, data_std=0.5, noise_std=0.0, guidance_t_max=1.0, grid_size=16),
       fid=dict(inception_path="", reference_split="train", reference_num_examples=0, kid_reference_size=10000,
                kid_num_subsets=100, kid_subset_size=1000, is_num_splits=10),
       digits=dict(reference_split="train", classifier_steps=1000, classifier_seed=0),
@@ -109,7 +110,9 @@ class InverseSettings:
   """`config.eval.inverse` (the `inpaint` and `colorize` tasks): the split and how many examples (0: all), the
   inpainting `mask` (the region generated: `lower_half`, `right_half`, `centre` or `checkerboard`; the rest is
   observed), the predictor-corrector sampler that completes them (by replacement: observed values are kept
-  exactly), and the grid's size."""
+  exactly), inpainting's reconstruction `guidance` (`none`, `pigdm` or `dps`: :func:`scoreflow.masked_inverse_score`
+  with `guidance_scale`, `data_std`, `noise_std` and `t_max = guidance_t_max`; colorization is replacement only),
+  and the grid's size."""
 
   split: str
   num_examples: int
@@ -120,12 +123,22 @@ class InverseSettings:
   snr: float
   n_corrector_steps: int
   eps: float
+  guidance: str
+  guidance_scale: float
+  data_std: float
+  noise_std: float
+  guidance_t_max: float
   grid_size: int
 
-  def sampler_kwargs(self) -> dict[str, Any]:
-    """Keyword arguments of :func:`scoreflow.inpaint_sample` / :func:`scoreflow.colorize_sample`."""
-    return dict(predictor=self.predictor, corrector=self.corrector, num_steps=self.num_steps, snr=self.snr,
-                n_corrector_steps=self.n_corrector_steps, eps=self.eps)
+  def sampler_kwargs(self, task: str = "inpaint") -> dict[str, Any]:
+    """Keyword arguments of :func:`scoreflow.inpaint_sample` (`task="inpaint"`) or
+    :func:`scoreflow.colorize_sample` (`"colorize"`)."""
+    kwargs = dict(predictor=self.predictor, corrector=self.corrector, num_steps=self.num_steps, snr=self.snr,
+                  n_corrector_steps=self.n_corrector_steps, eps=self.eps)
+    if task == "inpaint" and self.guidance != "none":
+      kwargs.update(guidance=self.guidance, guidance_scale=self.guidance_scale, data_std=self.data_std,
+                    noise_std=self.noise_std, guidance_t_max=self.guidance_t_max)
+    return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +375,15 @@ def _inverse_settings(config, tasks, data_name) -> InverseSettings:
       snr=config_float(config, "eval.inverse.snr", 0.0, low_open=True),
       n_corrector_steps=config_int(config, "eval.inverse.n_corrector_steps", 0),
       eps=config_float(config, "eval.inverse.eps", 0.0, low_open=True),
+      guidance=config_choice(config, "eval.inverse.guidance", ("none", "pigdm", "dps")),
+      guidance_scale=config_float(config, "eval.inverse.guidance_scale", 0.0),
+      data_std=config_float(config, "eval.inverse.data_std", 0.0, low_open=True),
+      noise_std=config_float(config, "eval.inverse.noise_std", 0.0),
+      guidance_t_max=config_float(config, "eval.inverse.guidance_t_max", 0.0, low_open=True),
       grid_size=config_int(config, "eval.inverse.grid_size", 0, "(0: no grid)"))
+  if settings.guidance == "dps" and settings.noise_std == 0:
+    raise ConfigError("config.eval.inverse.guidance='dps' needs config.eval.inverse.noise_std > 0 (its likelihood "
+                      "is degenerate for an exact observation); set it (e.g. 0.05) or use guidance='pigdm'.")
   for task in ("inpaint", "colorize"):
     if task in tasks and data_name in TOY_DATASETS:
       raise ConfigError(f"config.eval.tasks: {task!r} needs images, but config.data.name={data_name!r} is a 2-D toy "

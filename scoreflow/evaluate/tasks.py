@@ -313,11 +313,11 @@ class TaskRunners:
     mask = controllable.masks(settings.mask, self.element_shape) if task == "inpaint" else None
     described = {"dataset": experiment.data.name, "split": settings.split, "num_examples": num_examples,
                  "batch_size": batch_size, "seed": self.settings.seed,
-                 "mask": settings.mask if mask is not None else None, **settings.sampler_kwargs()}
+                 "mask": settings.mask if mask is not None else None, **settings.sampler_kwargs(task)}
     directory = units.task_directory(checkpoint_dir, f"{task}-{units.safe_name(settings.split)}", described)
     if task not in self._inverse_fns:
       network = make_network(experiment.model.apply, train=False)
-      kwargs = settings.sampler_kwargs()
+      kwargs = settings.sampler_kwargs(task)
 
       def complete(params, key, truth):
         # The unconditional score; a class-conditional model gives it at its null class.
@@ -359,7 +359,7 @@ class TaskRunners:
     region = np.broadcast_to(mask < 1, truth.shape) if mask is not None else np.ones(truth.shape, bool)
     error = (completed - truth)[region]
     out = {"task": task, "split": settings.split, "num_examples": int(truth.shape[0]), "mask": described["mask"],
-           "sampler": settings.sampler_kwargs(), "nfe": int(result["nfe"].max()),
+           "sampler": settings.sampler_kwargs(task), "nfe": int(result["nfe"].max()),
            "mse": float(np.mean(error**2)),  # Over the generated values, in model space.
            "observed_preserved": bool(np.all((completed == truth)[~region])) if mask is not None else None,
            "directory": directory}
