@@ -1,4 +1,4 @@
-"""scoreflow's train step against PyTorch implementations of the same network, timed in one run.
+"""scoreflow's train step against PyTorch implementations of the same (or a matched) network, timed in one run.
 
 The fair peer is the 2021 reference itself: score_sde_pytorch's `models/ncsnpp.py` built from its
 `configs/vp/cifar10_ddpmpp_continuous.py` (DDPM++ cont., VP SDE). Its source is not part of scoreflow; pass the
@@ -6,17 +6,27 @@ path of a checkout with `--reference` (its `op/` package compiles CUDA kernels w
 imports it with the extension build switched off, since DDPM++ never calls those kernels and the CPU path of its
 FIR resampler is plain PyTorch).
 
-Both sides do the same work per step, as the reference's `losses.get_sde_loss_fn` and
+The pip-installable peer (`--peers diffusers`, the default without `--reference`; `pip install diffusers`, or
+`pip install -e '.[bench]'`) is diffusers' `UNet2DModel` configured as near to the same DDPM++ network as its
+options allow (`_diffusers_peer.py` lists what matches and what cannot): the same widths, depth, attention, dropout,
+GroupNorm and sinusoidal time embedding, within about 1.5 % of the parameter count (both counts are printed).
+
+Every side does the same work per step, as the reference's `losses.get_sde_loss_fn` and
 `losses.optimization_manager` do: draw `t ~ U[1e-5, 1]` and Gaussian noise, perturb with the VP kernel,
 evaluate the network at `999 t`, the mean-reduced denoising score-matching loss, its gradient, global-norm
 clipping at 1, Adam (2e-4, warm-up) and the EMA update (0.9999 with the reference's warm-up).
 
 Timing: after warm-up steps on each side, `--repeats` rounds each time one window of `--steps` steps on every
-side in turn (interleaved, so a slower or busier machine affects all sides alike); the table gives the median
-examples/s of each side and the ratio scoreflow / peer.
+side in turn (interleaved, so a machine that slows down over the run affects all sides alike); the table gives
+the median examples/s of each side and the ratio scoreflow / peer, then the same for each side's fastest window.
+On a CPU shared with other work the two differ: PyTorch's threads slow down far more under contention than XLA's
+(`bench/RESULTS.md`), so there the fastest windows, those that caught the machine idle, compare the
+implementations, and the medians their tolerance of a busy machine.
 
     python bench/bench_peer.py --reference ~/score_sde_pytorch                 # digits and CIFAR-10 DDPM++
     python bench/bench_peer.py --reference DIR --torch_compile                 # adds a torch.compile peer
+    python bench/bench_peer.py --cases digits                                  # diffusers peer, no checkout
+    python bench/bench_peer.py --reference DIR --peers reference,diffusers     # both peers in one run
 
 scoreflow is timed on 1 device and on all `--cpu_devices` (2 by default, as run_train.py does on a CPU), each
 a side of its own; the ratio column is the faster scoreflow side over each side.
@@ -32,7 +42,10 @@ import time
 
 import numpy as np
 
+import _diffusers_peer
 import _reference
+
+PEERS = ("reference", "diffusers")
 
 CASES = {
     # name: (scoreflow preset, image shape (H, W, C), default batch, reference-config overrides)
@@ -107,6 +120,14 @@ def reference_network(path: str, case: str):
   return ncsnpp.NCSNpp(config)
 
 
+def peer_network(peer: str, case: str, reference: str | None):
+  """`(network, description)`: the PyTorch network of `peer` ("reference" or "diffusers") for `case`."""
+  preset, shape, _, _ = CASES[case]
+  if peer == "reference":
+    return reference_network(reference, case), f"score_sde_pytorch's NCSNpp from {os.path.abspath(reference)}"
+  return _diffusers_peer.diffusers_network(preset, shape)
+
+
 def torch_side(network, case: str, batch: int, *, compile_model: bool = False):
   """`(step(), sync, num_params, compile_s)`: the reference's training step for `network` in PyTorch."""
   import torch  # pylint: disable=import-outside-toplevel
@@ -175,7 +196,12 @@ def interleaved(sides: dict, *, steps: int, repeats: int, warmup: int) -> dict[s
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--cases", default="digits,cifar10_ddpmpp", help=f"comma-separated, from {sorted(CASES)}")
-  parser.add_argument("--reference", required=True, help="path of a score_sde_pytorch checkout (the peer network)")
+  parser.add_argument("--reference", default=None,
+                      help="path of a score_sde_pytorch checkout (the 'reference' peer's network)")
+  parser.add_argument("--peers", default=None,
+                      help=f"comma-separated PyTorch peers, from {list(PEERS)}: 'reference' is score_sde_pytorch's "
+                      "NCSNpp (needs --reference), 'diffusers' a matched diffusers UNet2DModel (needs "
+                      f"{_diffusers_peer.PIP_HINT}). Default: reference with --reference, diffusers without")
   parser.add_argument("--torch_compile", action="store_true", help="also time torch.compile of each peer")
   parser.add_argument("--batch", type=int, default=None, help="global batch (default: per case)")
   parser.add_argument("--cpu_devices", type=int, default=2,
@@ -183,10 +209,19 @@ def main():
   parser.add_argument("--devices", default=None,
                       help="comma-separated device counts, one scoreflow side each (default: 1 and all)")
   parser.add_argument("--steps", type=int, default=None, help="steps per timed window (default: per case)")
-  parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (the median is reported)")
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="interleaved rounds (the median and the fastest are reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
   parser.add_argument("--json", default=None, help="also write the rows to this file (after every case)")
   args = parser.parse_args()
+  peers = (args.peers or ("reference" if args.reference else "diffusers")).split(",")
+  if set(peers) - set(PEERS):
+    parser.error(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; choose from {list(PEERS)}.")
+  if "reference" in peers and not args.reference:
+    parser.error("--peers reference needs --reference PATH (a score_sde_pytorch checkout); without one use "
+                 "--peers diffusers.")
+  if "diffusers" in peers:
+    _diffusers_peer.import_diffusers()  # A missing package fails here, before anything is compiled.
 
   from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
 
@@ -208,26 +243,35 @@ def main():
     for name, count in zip(ours, device_counts):
       step, sync, params[name], compile_s[name] = scoreflow_side(case, batch, count)
       sides[name] = (step, sync)
-    for name, compile_model in [("reference", False)] + ([("reference+compile", True)] if args.torch_compile else []):
-      network = reference_network(args.reference, case)
-      step, sync, params[name], compile_s[name] = torch_side(network, case, batch, compile_model=compile_model)
-      sides[name] = (step, sync)
+    descriptions = {}
+    for peer in peers:
+      for name, compile_model in [(peer, False)] + ([(f"{peer}+compile", True)] if args.torch_compile else []):
+        network, descriptions[peer] = peer_network(peer, case, args.reference)
+        step, sync, params[name], compile_s[name] = torch_side(network, case, batch, compile_model=compile_model)
+        sides[name] = (step, sync)
     seconds = interleaved(sides, steps=steps, repeats=args.repeats, warmup=args.warmup)
     rates = {name: batch / statistics.median(seconds[name]) for name in sides}
+    fastest = {name: batch / min(seconds[name]) for name in sides}
     best = max(ours, key=rates.get)
     print(f"\n{case}: batch {batch}, {steps} steps x {args.repeats} interleaved rounds; ratio = {best} / side")
-    print(f"  {'side':<26}{'params':>13}{'compile s':>11}{'examples/s':>12}{'ratio':>9}")
+    for peer, description in descriptions.items():
+      print(f"  {peer}: {description}")
+    print(f"  {'side':<26}{'params':>13}{'compile s':>11}{'examples/s':>12}{'ratio':>9}{'fastest':>10}{'ratio':>9}")
     for name in sides:
       row = {"case": case, "side": name, "params": int(params[name]), "batch": batch, "compile_s": compile_s[name],
              "examples_per_s": rates[name], "scoreflow_ratio": rates[best] / rates[name],
+             "fastest_examples_per_s": fastest[name], "fastest_ratio": max(fastest[n] for n in ours) / fastest[name],
              "window_examples_per_s": [batch / s for s in seconds[name]]}
+      if name.split("+")[0] in descriptions:
+        row["network"] = descriptions[name.split("+")[0]]
       rows.append(row)
       print(f"  {name:<26}{row['params']:>13,}{row['compile_s']:>11.1f}{rates[name]:>12.1f}"
-            f"{row['scoreflow_ratio']:>8.2f}x", flush=True)
+            f"{row['scoreflow_ratio']:>8.2f}x{fastest[name]:>10.1f}{row['fastest_ratio']:>8.2f}x", flush=True)
     if args.json:
       with open(args.json, "w") as f:
-        json.dump({"jax": jax.__version__, "torch": torch.__version__, "cpu_devices": len(jax.devices()),
-                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, f, indent=2)
+        json.dump({"jax": jax.__version__, "torch": torch.__version__, "peers": peers,
+                   "cpu_devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows},
+                  f, indent=2)
 
 
 if __name__ == "__main__":
