@@ -6,9 +6,9 @@ Conditioning on :math:`y` changes only the score (Song et al. 2021, Sec. 5):
 
 Every function here therefore either returns a new `score_fn(x [B, *D], t [B]) -> [B, *D]` that any sampler of
 :mod:`scoreflow.sampling` accepts (:func:`classifier_free_score`, :func:`classifier_guided_score`,
-:func:`conditional_score`, :func:`linear_inverse_score`), or is a predictor-corrector sampler that imposes an
-observation by replacement (:func:`inpaint_sample`, :func:`colorize_sample`). All are pure and traceable: they run
-inside a user's `jax.jit` and `jax.vmap`, and the samplers are one `lax.scan`.
+:func:`conditional_score`, :func:`linear_inverse_score`, :func:`masked_inverse_score`), or is a predictor-corrector
+sampler that imposes an observation by replacement (:func:`inpaint_sample`, :func:`colorize_sample`). All are pure
+and traceable: they run inside a user's `jax.jit` and `jax.vmap`, and the samplers are one `lax.scan`.
 
 Which method is exact (proved in `tests/test_guidance*.py` against the closed forms of
 :mod:`scoreflow.testing.analytic`):
@@ -19,16 +19,18 @@ Which method is exact (proved in `tests/test_guidance*.py` against the closed fo
   what a sampler draws is then a Gaussian that :func:`scoreflow.testing.affine_score_moments` predicts.
 * :func:`linear_inverse_score` with `method="tweedie"` is the exact posterior score for Gaussian data
   (any covariance); `"pigdm"` is exact for isotropic Gaussian data of standard deviation `data_std`; `"dps"` is
-  biased (it drops the spread of :math:`x_0` given :math:`x_t`).
+  biased (it drops the spread of :math:`x_0` given :math:`x_t`). :func:`masked_inverse_score` is the same for a
+  mask (a selection `A`), without the matrix.
 * Replacement (:func:`inpaint_sample`, :func:`colorize_sample`) is exact when the observed and unobserved
   coordinates are independent under the data distribution, and biased otherwise, even for Gaussian data: it feeds
   the score the *prior* draw :math:`\alpha_t y + \sigma_t z` of the observed coordinates rather than their
-  posterior given the rest.
+  posterior given the rest. Reconstruction guidance (`inpaint_sample(guidance="pigdm")`) shrinks that bias.
 
 References:
   Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole. Score-Based Generative Modeling through Stochastic
   Differential Equations. ICLR 2021. (Sec. 5, Appendix I.)
   Ho, Salimans. Classifier-Free Diffusion Guidance. 2022.
+  Ho, Salimans, Gritsenko, Chan, Norouzi, Fleet. Video Diffusion Models. NeurIPS 2022. (Reconstruction guidance.)
   Dhariwal, Nichol. Diffusion Models Beat GANs on Image Synthesis. NeurIPS 2021.
   Chung, Kim, Mccann, Klasky, Ye. Diffusion Posterior Sampling for General Noisy Inverse Problems. ICLR 2023.
   Song, Vahdat, Mardani, Kautz. Pseudoinverse-Guided Diffusion Models for Inverse Problems. ICLR 2023.
