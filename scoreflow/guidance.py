@@ -224,6 +224,23 @@ def conditional_score(score_fn: ScoreFn, log_likelihood_grad: ScoreFn) -> ScoreF
   return conditioned
 
 
+def _check_noise_std(owner: str, noise_std, method: str, *, noiseless_method: str) -> None:
+  """`noise_std` must be a scalar >= 0, and positive for `"dps"` (checked when its value is known)."""
+  value = concrete_value(noise_std)
+  if value is not None and (np.ndim(value) != 0 or not value >= 0):
+    raise ValueError(f"{owner}: noise_std must be a scalar >= 0, got {np.asarray(value).tolist()}.")
+  if method == "dps" and value is not None and value == 0:
+    raise ValueError(f"{owner}: method 'dps' needs noise_std > 0 (its likelihood N(y; A x0_hat, noise_std^2 I) is "
+                     f"degenerate otherwise); use method={noiseless_method!r} for noiseless observations.")
+
+
+def _pigdm_variance(alpha, sigma2, data_std):
+  r""":math:`r_t^2 = \sigma_t^2 s^2/(\alpha_t^2 s^2 + \sigma_t^2)`: :math:`\mathrm{Var}[x_0 \mid x_t]` per coordinate for
+  data :math:`N(\mu, s^2 I)`, `s = data_std` (ΠGDM's assumption)."""
+  s2 = jnp.asarray(data_std, sigma2.dtype) ** 2
+  return sigma2 * s2 / (alpha**2 * s2 + sigma2)
+
+
 def linear_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, A, y, noise_std, *,
                          method: LinearInverseMethod = "tweedie", data_std=1.0, scale=1.0) -> ScoreFn:
   r"""The posterior score for a linear observation :math:`y = A x_0 + n`, :math:`n \sim N(0, \sigma_y^2 I)`.
@@ -283,12 +300,7 @@ def linear_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, A, y, noise_std, *
   y = jnp.asarray(y)
   if y.ndim not in (1, 2) or y.shape[-1] != m:
     raise ValueError(f"{owner}: y must have shape [m] = ({m},) or [B, m], got {y.shape} (A has shape {A.shape}).")
-  noise_value = concrete_value(noise_std)
-  if noise_value is not None and (np.ndim(noise_value) != 0 or not noise_value >= 0):
-    raise ValueError(f"{owner}: noise_std must be a scalar >= 0, got {np.asarray(noise_value).tolist()}.")
-  if method == "dps" and noise_value is not None and noise_value == 0:
-    raise ValueError(f"{owner}: method 'dps' needs noise_std > 0 (its likelihood N(y; A x0_hat, noise_std^2 I) is "
-                     "degenerate otherwise); use method='tweedie' for noiseless observations.")
+  _check_noise_std(owner, noise_std, method, noiseless_method="tweedie")
   scale = _check_scalar_or_batch(owner, "scale", scale)
 
   def guided(x, t):
@@ -318,8 +330,7 @@ def linear_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, A, y, noise_std, *
       A_J_At = 0.5 * (A_J_At + jnp.swapaxes(A_J_At, 1, 2))  # J is symmetric for an exact score.
       S = (sigma2 / alpha)[:, None, None] * A_J_At
     elif method == "pigdm":
-      s2 = jnp.asarray(data_std, x.dtype) ** 2
-      r2 = sigma2 * s2 / (alpha**2 * s2 + sigma2)  # [B]
+      r2 = _pigdm_variance(alpha, sigma2, data_std)  # [B]
       S = r2[:, None, None] * (A_x @ A_x.T)[None]
     else:
       S = jnp.zeros((batch, m, m), x.dtype)
@@ -381,12 +392,7 @@ def masked_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, y, mask, *, method
                      "selection matrix to linear_inverse_score).")
   y = jnp.asarray(y)
   observed = _check_mask(owner, mask, y.shape)
-  noise_value = concrete_value(noise_std)
-  if noise_value is not None and (np.ndim(noise_value) != 0 or not noise_value >= 0):
-    raise ValueError(f"{owner}: noise_std must be a scalar >= 0, got {np.asarray(noise_value).tolist()}.")
-  if method == "dps" and noise_value is not None and noise_value == 0:
-    raise ValueError(f"{owner}: method 'dps' needs noise_std > 0 (its likelihood is degenerate otherwise); use "
-                     "method='pigdm' for noiseless observations.")
+  _check_noise_std(owner, noise_std, method, noiseless_method="pigdm")
   scale = _check_scalar_or_batch(owner, "scale", scale)
   if t_max is not None and (isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not t_max > 0):
     raise ValueError(f"{owner}: t_max must be a positive time (or None for every time), got {t_max!r}.")
@@ -396,7 +402,9 @@ def masked_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, y, mask, *, method
       raise ValueError(f"{owner}: x has shape {x.shape} but the observation y has shape {y.shape}.")
     t = _batch_time(owner, t, x)
     _check_scalar_or_batch(owner, "scale", scale, x.shape[0])
-    active = jnp.ones(t.shape, bool) if t_max is None else t <= t_max
+    weight = per_example(scale, x)
+    if t_max is not None:
+      weight = weight * per_example(t <= t_max, x)
 
     def with_likelihood(x):
       alpha, sigma2 = per_example(sde.alpha(t), x), per_example(sde.sigma(t) ** 2, x)
@@ -404,16 +412,14 @@ def masked_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, y, mask, *, method
       x0_hat = (x + sigma2 * score) / alpha
       variance = jnp.asarray(noise_std, x.dtype) ** 2
       if method == "pigdm":
-        s2 = jnp.asarray(data_std, x.dtype) ** 2
-        variance = variance + sigma2 * s2 / (alpha**2 * s2 + sigma2)
+        variance = variance + _pigdm_variance(alpha, sigma2, data_std)
       weighted = jnp.where(observed, y.astype(x.dtype) - x0_hat, 0) / variance
       (score_grad,) = score_vjp(weighted)
-      likelihood_grad = (weighted + sigma2 * score_grad) / alpha
-      return score + jnp.where(per_example(active, x) > 0, per_example(scale, x) * likelihood_grad, 0)
+      return score + weight * (weighted + sigma2 * score_grad) / alpha
 
     if t_max is None:
       return with_likelihood(x)
-    return jax.lax.cond(jnp.any(active), with_likelihood, lambda x: score_fn(x, t).astype(x.dtype), x)
+    return jax.lax.cond(jnp.any(t <= t_max), with_likelihood, lambda x: score_fn(x, t).astype(x.dtype), x)
 
   return guided
 

@@ -420,7 +420,7 @@ def test_reconstruction_guidance_samples_its_predicted_law_and_reduces_the_repla
   replacement alone."""
   posterior = CORRELATED.condition(jnp.array([[1.0, 0.0, 0.0]]), jnp.array([Y_OBSERVED]))
   target_mean, target_cov = posterior.mean[1:], posterior.cov[1:, 1:]
-  options = dict(guidance="pigdm", data_std=1.0)
+  options = dict(guidance="pigdm", data_std=0.8)  # Not the default 1, so a dropped data_std is seen.
   x, _ = _inpaint(CORRELATED, jax.random.key(9), **options)
   assert np.all(np.asarray(x[:, 0]) == Y_OBSERVED)
   guided_prior = MaskedPrior(CORRELATED, **options)

@@ -130,7 +130,7 @@ class InverseSettings:
   guidance_t_max: float
   grid_size: int
 
-  def sampler_kwargs(self, task: str = "inpaint") -> dict[str, Any]:
+  def sampler_kwargs(self, task: str) -> dict[str, Any]:
     """Keyword arguments of :func:`scoreflow.inpaint_sample` (`task="inpaint"`) or
     :func:`scoreflow.colorize_sample` (`"colorize"`)."""
     kwargs = dict(predictor=self.predictor, corrector=self.corrector, num_steps=self.num_steps, snr=self.snr,
