@@ -403,8 +403,6 @@ def masked_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, y, mask, *, method
     t = _batch_time(owner, t, x)
     _check_scalar_or_batch(owner, "scale", scale, x.shape[0])
     weight = per_example(scale, x)
-    if t_max is not None:
-      weight = weight * per_example(t <= t_max, x)
 
     def with_likelihood(x):
       alpha, sigma2 = per_example(sde.alpha(t), x), per_example(sde.sigma(t) ** 2, x)
@@ -415,7 +413,10 @@ def masked_inverse_score(score_fn: ScoreFn, sde: AbstractSDE, y, mask, *, method
         variance = variance + _pigdm_variance(alpha, sigma2, data_std)
       weighted = jnp.where(observed, y.astype(x.dtype) - x0_hat, 0) / variance
       (score_grad,) = score_vjp(weighted)
-      return score + weight * (weighted + sigma2 * score_grad) / alpha
+      likelihood_grad = weight * (weighted + sigma2 * score_grad) / alpha
+      if t_max is not None:  # A select, not a product: the term may overflow at the high noise it leaves out.
+        likelihood_grad = jnp.where(per_example(t, x) <= t_max, likelihood_grad, 0)
+      return score + likelihood_grad
 
     if t_max is None:
       return with_likelihood(x)
