@@ -55,7 +55,7 @@ def main(argv):
 
   experiment, settings = build_experiment(_CONFIG.value), build_eval_settings(_CONFIG.value)
   workdir = checkpoint.local_workdir(_WORKDIR.value)
-  cli.configure_devices()  # Evaluation shards a batch only where the devices divide it.
+  cli.configure_devices(model=experiment.model)  # Evaluation shards a batch only where the devices divide it.
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from scoreflow.evaluate import run
 

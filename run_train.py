@@ -36,7 +36,7 @@ def main(argv):
 
   experiment = build_experiment(_CONFIG.value)
   workdir = checkpoint.local_workdir(_WORKDIR.value)
-  cli.configure_devices([_CONFIG.value.training.batch_size], _NUM_PROCESSES.value)
+  cli.configure_devices([_CONFIG.value.training.batch_size], _NUM_PROCESSES.value, experiment.model)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from scoreflow.train import loop
 

@@ -28,8 +28,10 @@ implementations, and the medians their tolerance of a busy machine.
     python bench/bench_peer.py --cases digits                                  # diffusers peer, no checkout
     python bench/bench_peer.py --reference DIR --peers reference,diffusers     # both peers in one run
 
-scoreflow is timed on 1 device and on all `--cpu_devices` (2 by default, as run_train.py does on a CPU), each
-a side of its own; the ratio column is the faster scoreflow side over each side.
+scoreflow is timed on 1 device and on all `--cpu_devices` (2 by default), and with each `--cpu_ynnpack` choice
+(by default `auto`, what run_train.py picks for the model, and XLA's `default` when that differs; a choice other
+than `default` on one device only, as run_train.py does), each a side of its own; the ratio column is the fastest
+scoreflow side over each side.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ LEARNING_RATE, WARMUP, GRAD_CLIP, EMA_RATE = 2e-4, 5000, 1.0, 0.9999
 
 # --- scoreflow. ----------------------------------------------------------------------------------
 
-def scoreflow_side(case: str, batch: int, devices: int | None = None):
-  """`(step(), num_params, compile_s)`: scoreflow's compiled, donated train step on synthetic data."""
+def scoreflow_side(case: str, batch: int, devices: int | None = None, ynnpack: str = "default"):
+  """`(step(), num_params, compile_s)`: scoreflow's compiled, donated train step on synthetic data, with the
+  operations `ynnpack` names (a choice of `sharding.cpu_ynnpack_ops`) handed to YNNPACK."""
   import jax
   import jax.numpy as jnp
 
@@ -90,7 +93,8 @@ def scoreflow_side(case: str, batch: int, devices: int | None = None):
   x = np.random.default_rng(0).uniform(-1, 1, (batch, *shape)).astype(np.float32)
   batch_arrays = sharding.global_batch({"x": x}, mesh)
   started = time.perf_counter()
-  compiled = train_step.lower(state, batch_arrays).compile()
+  compiled = train_step.lower(state, batch_arrays).compile(
+      compiler_options=sharding.cpu_ynnpack_compiler_options(ynnpack) if jax.default_backend() == "cpu" else None)
   compile_s = time.perf_counter() - started
   holder = {"state": state}
 
@@ -208,6 +212,9 @@ def main():
                       help="JAX devices to split the CPU into (as run_train.py's --cpu_devices)")
   parser.add_argument("--devices", default=None,
                       help="comma-separated device counts, one scoreflow side each (default: 1 and all)")
+  parser.add_argument("--cpu_ynnpack", default=None,
+                      help="comma-separated choices of run_train.py's --cpu_ynnpack, one scoreflow side each "
+                      "(default: auto, and default when auto picks otherwise)")
   parser.add_argument("--steps", type=int, default=None, help="steps per timed window (default: per case)")
   parser.add_argument("--repeats", type=int, default=5,
                       help="interleaved rounds (the median and the fastest are reported)")
@@ -239,10 +246,19 @@ def main():
     batch = args.batch or CASES[case][2]
     steps = args.steps or (10 if case == "digits" else 2)
     sides, params, compile_s = {}, {}, {}
-    ours = [f"scoreflow ({n} device{'s' if n > 1 else ''})" for n in device_counts]
-    for name, count in zip(ours, device_counts):
-      step, sync, params[name], compile_s[name] = scoreflow_side(case, batch, count)
-      sides[name] = (step, sync)
+    from scoreflow.models import build_model  # pylint: disable=import-outside-toplevel
+
+    chosen = sharding.cpu_ynnpack_ops("auto", build_model(CASES[case][0]))
+    choices = [sharding.cpu_ynnpack_ops(c) if c != "auto" else chosen
+               for c in (args.cpu_ynnpack or "auto,default").split(",")]
+    ours = []
+    for ynnpack in dict.fromkeys(choices):
+      # Eigen's convolutions only on one device: XLA:CPU miscomputes them in loops on a split CPU.
+      for count in (device_counts if ynnpack == "default" else [n for n in device_counts if n == 1]):
+        name = f"scoreflow ({count} dev, {ynnpack})"
+        step, sync, params[name], compile_s[name] = scoreflow_side(case, batch, count, ynnpack)
+        sides[name] = (step, sync)
+        ours.append(name)
     descriptions = {}
     for peer in peers:
       for name, compile_model in [(peer, False)] + ([(f"{peer}+compile", True)] if args.torch_compile else []):
@@ -256,7 +272,8 @@ def main():
     print(f"\n{case}: batch {batch}, {steps} steps x {args.repeats} interleaved rounds; ratio = {best} / side")
     for peer, description in descriptions.items():
       print(f"  {peer}: {description}")
-    print(f"  {'side':<26}{'params':>13}{'compile s':>11}{'examples/s':>12}{'ratio':>9}{'fastest':>10}{'ratio':>9}")
+    print(f"  scoreflow sides: devices, operations handed to YNNPACK (--cpu_ynnpack; auto picks {chosen!r})")
+    print(f"  {'side':<34}{'params':>13}{'compile s':>11}{'examples/s':>12}{'ratio':>9}{'fastest':>10}{'ratio':>9}")
     for name in sides:
       row = {"case": case, "side": name, "params": int(params[name]), "batch": batch, "compile_s": compile_s[name],
              "examples_per_s": rates[name], "scoreflow_ratio": rates[best] / rates[name],
@@ -265,7 +282,7 @@ def main():
       if name.split("+")[0] in descriptions:
         row["network"] = descriptions[name.split("+")[0]]
       rows.append(row)
-      print(f"  {name:<26}{row['params']:>13,}{row['compile_s']:>11.1f}{rates[name]:>12.1f}"
+      print(f"  {name:<34}{row['params']:>13,}{row['compile_s']:>11.1f}{rates[name]:>12.1f}"
             f"{row['scoreflow_ratio']:>8.2f}x{fastest[name]:>10.1f}{row['fastest_ratio']:>8.2f}x", flush=True)
     if args.json:
       with open(args.json, "w") as f:

@@ -28,9 +28,15 @@ from absl import logging
 COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A persistent XLA compilation cache "
                                         "directory (speeds up restarts).")
 CPU_DEVICES = flags.DEFINE_string(
-    "cpu_devices", "auto", "JAX devices to split a CPU host into, the batch sharded over them: 'auto' (2 on a "
-    "machine with 2 or more cores when the batch splits evenly, else 1) or "
-    "a number. Ignored when XLA_FLAGS sets --xla_force_host_platform_device_count. Accelerators are unaffected.")
+    "cpu_devices", "auto", "JAX devices to split a CPU host into, the batch sharded over them: 'auto' (with "
+    "--cpu_ynnpack=default, 2 on a machine with 2 or more cores when the batch splits evenly; else 1) or a "
+    "number. Ignored when XLA_FLAGS sets --xla_force_host_platform_device_count. Accelerators are unaffected.")
+CPU_YNNPACK = flags.DEFINE_enum(
+    "cpu_ynnpack", "auto", ["auto", "default", "reductions", "none"],
+    "Which operations XLA:CPU hands to the YNNPACK library: 'default' (XLA's choice: convolutions, matmuls, "
+    "reductions), 'reductions', or 'none' (Eigen's convolutions and matmuls); 'auto' picks by the model, as "
+    "measured in bench/RESULTS.md ('none' below 128 base channels, e.g. the digits U-Net; 'reductions' from 128). "
+    "Ignored when XLA_FLAGS sets --xla_cpu_experimental_ynn_fusion_type. Accelerators are unaffected.")
 
 # Raised by configuration, checkpoint and data checks with a message that names the problem and the fix, and by
 # a run halted on a non-finite step. Only those raised by scoreflow's own code are shortened to one line.
@@ -94,12 +100,19 @@ def start(argv: Sequence[str]) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None = None) -> None:
-  """Applies --cpu_devices (see :func:`scoreflow.train.sharding.cpu_device_count`); call before JAX starts."""
+def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None = None, model=None) -> None:
+  """Applies --cpu_devices and --cpu_ynnpack (see :func:`scoreflow.train.sharding.cpu_device_count` and
+  :func:`~scoreflow.train.sharding.cpu_ynnpack_ops`; `model` is the Flax module `auto` decides by); call before
+  JAX starts."""
   from scoreflow.train import sharding  # pylint: disable=g-import-not-at-top
 
-  count = sharding.cpu_device_count(CPU_DEVICES.value, batch_sizes=batch_sizes, num_processes=num_processes or 1)
+  ynnpack = sharding.cpu_ynnpack_ops(CPU_YNNPACK.value, model)
+  count = sharding.cpu_device_count(CPU_DEVICES.value, batch_sizes=batch_sizes, num_processes=num_processes or 1,
+                                    ynnpack=ynnpack)
   sharding.configure_cpu_devices(count)
+  ynnpack = sharding.cpu_ynnpack_for_devices(ynnpack, sharding.forced_cpu_device_count() or count,
+                                             explicit=CPU_YNNPACK.value != "auto")
+  sharding.configure_cpu_ynnpack(ynnpack)
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:

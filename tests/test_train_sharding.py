@@ -110,6 +110,10 @@ def test_initialize_distributed_arguments(monkeypatch):
 def test_cpu_device_count(requested, batch_sizes, num_processes, cores, expected):
   assert sharding.cpu_device_count(requested, batch_sizes=batch_sizes, num_processes=num_processes,
                                    cores=cores) == expected
+  # Eigen's convolutions keep every core busy from one device: auto splits nothing; an explicit count stands.
+  for ynnpack in ("reductions", "none"):
+    assert sharding.cpu_device_count(requested, batch_sizes=batch_sizes, num_processes=num_processes, cores=cores,
+                                     ynnpack=ynnpack) == (expected if str(requested).strip().isdigit() else 1)
 
 
 @pytest.mark.parametrize("requested", ["0", "-2", "two", None, 1.5])
@@ -140,3 +144,129 @@ def test_configure_cpu_devices_in_a_fresh_process(xla_flags, expected):
   out = subprocess.run([sys.executable, "-c", _CONFIGURE, "2"], env=env, capture_output=True, text=True,
                        check=True, timeout=120)
   assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+# --- Which operations XLA:CPU hands to YNNPACK. -----------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, expected", [("ddpmpp_digits", "none"), ("classifier_digits", "none"),
+                                              ("ddpmpp_cifar10", "reductions"), ("ncsnpp_cifar10", "reductions"),
+                                              ("mlp_toy", "default")])
+def test_cpu_ynnpack_auto_picks_by_the_model(preset, expected):
+  from scoreflow.models import build_model
+  assert sharding.cpu_ynnpack_ops("auto", build_model(preset)) == expected
+  assert sharding.cpu_ynnpack_ops(" AUTO ", build_model(preset)) == expected
+  assert sharding.cpu_ynnpack_ops("auto") == "default"  # No model: XLA's own choice.
+  for choice in ("default", "reductions", "none"):  # An explicit choice is taken whatever the model.
+    assert sharding.cpu_ynnpack_ops(choice, build_model(preset)) == choice
+
+
+@pytest.mark.parametrize("requested", ["all", "", None, "eigen"])
+def test_cpu_ynnpack_rejects_bad_values(requested):
+  with pytest.raises(ValueError, match="--cpu_ynnpack must be one of auto, default, reductions, none"):
+    sharding.cpu_ynnpack_ops(requested)
+
+
+def _conv_norm(x, w):
+  """A convolution followed by a GroupNorm-like reduction: operations of both kinds YNNPACK may take."""
+  y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y - jax.numpy.mean(y, axis=(1, 2, 3), keepdims=True)
+
+
+def _ynn_fusions(compiled_text: str) -> list[str]:
+  entry = compiled_text[compiled_text.index("ENTRY"):]
+  return [line for line in entry.splitlines() if '"__ynn_fusion"' in line]
+
+
+def test_cpu_ynnpack_compiler_options_reach_xla():
+  # float32 (YNNPACK takes no float64), and channels wide enough for XLA to hand the convolution over.
+  x, w = jax.numpy.ones((4, 8, 8, 32), np.float32), jax.numpy.ones((3, 3, 32, 32), np.float32)
+  texts = {ops: jax.jit(_conv_norm).lower(x, w).compile(
+      compiler_options=sharding.cpu_ynnpack_compiler_options(ops)).as_text()
+           for ops in ("default", "reductions", "none")}
+  assert sharding.cpu_ynnpack_compiler_options("default") == {}
+  assert _ynn_fusions(texts["default"])  # XLA's default hands these to YNNPACK (else the test shows nothing).
+  assert " convolution(" in texts["none"][texts["none"].index("ENTRY"):] and not _ynn_fusions(texts["none"])
+  assert _ynn_fusions(texts["reductions"]) and texts["reductions"] != texts["default"]
+
+
+# XLA reads XLA_FLAGS when the backend starts, so each case runs in a fresh process.
+_CONFIGURE_YNNPACK = textwrap.dedent("""
+    import json, os, sys
+    from absl import flags
+    from scoreflow import cli
+    from scoreflow.models import build_model
+    flags.FLAGS(["prog"] + sys.argv[1:])
+    cli.configure_devices(model=build_model("ddpmpp_digits"))
+    import jax, jax.numpy as jnp
+    from scoreflow.train import sharding
+    f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    text = jax.jit(f).lower(jnp.ones((4, 8, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
+    late = sharding.configure_cpu_ynnpack("reductions")  # The backend has started: too late, nothing changes.
+    print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn": '"__ynn_fusion"' in text,
+                      "late": late}))
+""")
+
+
+@pytest.mark.parametrize("args, xla_flags, expected", [
+    ([], None, {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type=", "ynn": False}),   # auto: the digits U-Net
+    (["--cpu_ynnpack=default"], None, {"xla_flags": "", "ynn": True}),
+    (["--cpu_ynnpack=none"], "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",   # The user's wins.
+     {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", "ynn": True}),
+    # Two devices: Eigen's convolutions are miscomputed in loops there, so auto keeps XLA's default.
+    (["--cpu_devices=2"], None, {"xla_flags": "", "ynn": True}),
+    ([], "--xla_force_host_platform_device_count=2",
+     {"xla_flags": "--xla_force_host_platform_device_count=2", "ynn": True}),
+])
+def test_cli_applies_cpu_ynnpack_in_a_fresh_process(args, xla_flags, expected):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  out = subprocess.run([sys.executable, "-c", _CONFIGURE_YNNPACK, *args], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == {**expected, "late": False}
+
+
+def test_cli_refuses_eigen_convolutions_on_a_split_cpu():
+  out = subprocess.run([sys.executable, "-c", _CONFIGURE_YNNPACK, "--cpu_devices=2", "--cpu_ynnpack=reductions"],
+                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0
+  assert "--cpu_ynnpack=reductions needs one CPU device per process, got 2" in out.stderr
+  assert "Pass --cpu_devices=1, or --cpu_ynnpack=default" in out.stderr
+
+
+_LOOPED_UNET = textwrap.dedent("""
+    import json, os, sys
+    from scoreflow.train import sharding
+    sharding.configure_cpu_ynnpack("none")
+    import jax, jax.numpy as jnp, numpy as np
+    from scoreflow.models import build_model
+    model = build_model("ddpmpp_digits")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(128, 8, 8, 1)), jnp.float32)
+    t = jnp.asarray(np.random.default_rng(1).uniform(0, 999, size=(128,)), jnp.float32)
+    params = model.init(jax.random.key(0), x[:1], t[:1])["params"]
+    leaves, tree = jax.tree.flatten(params)  # Away from the zero-initialised output layer.
+    params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(jax.random.key(i), l.shape, l.dtype)
+                                       for i, l in enumerate(leaves)])
+    step = lambda x: x - 0.05 * model.apply({"params": params}, x, t)
+    looped = jax.jit(lambda x: jax.lax.fori_loop(0, 20, lambda i, x: step(x), x))(x)
+    stepped, one_step = x, jax.jit(step)
+    for _ in range(20):
+      stepped = one_step(stepped)
+    text = jax.jit(step).lower(x).compile().as_text()
+    print(json.dumps({"error": float(jnp.max(jnp.abs(looped - stepped))), "scale": float(jnp.max(jnp.abs(stepped))),
+                      "ynn": '"__ynn_fusion"' in text}))
+""")
+
+
+def test_eigen_convolutions_in_a_loop_on_one_device():
+  """The combination `--cpu_ynnpack=auto` picks for the digits U-Net (Eigen's convolutions, one device) computes
+  a loop of network steps as the same steps one by one. (On 2 CPU devices, jax 0.10.2, this check fails by 0.5.)"""
+  out = subprocess.run([sys.executable, "-c", _LOOPED_UNET], env={k: v for k, v in os.environ.items()
+                                                                    if k != "XLA_FLAGS"},
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert not result["ynn"] and result["scale"] > 1.0
+  assert result["error"] < 1e-4 * result["scale"], result

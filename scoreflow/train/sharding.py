@@ -8,13 +8,18 @@ global array with `jax.make_array_from_process_local_data`).
 Several processes (hosts) join through :func:`initialize_distributed`, which must run before any other JAX call.
 
 On a CPU host, :func:`configure_cpu_devices` (also before any other JAX call) splits the host into several JAX
-devices, so that the batch is sharded over them as over accelerators: XLA's CPU convolutions do not keep all
-cores busy on their own, and two devices did on 2 cores (measured in bench/RESULTS.md).
+devices, so that the batch is sharded over them as over accelerators: YNNPACK's convolutions, XLA:CPU's default,
+do not keep all cores busy on their own, and two devices did on 2 cores (measured in bench/RESULTS.md).
+:func:`configure_cpu_ynnpack` chooses which operations XLA:CPU hands to the YNNPACK library (by default its
+convolutions, matmuls and reductions): on the digits U-Net YNNPACK's convolutions ran the train step 1.3x slower
+than Eigen's, while its reductions sped the CIFAR-10 DDPM++ step up 2x (:func:`cpu_ynnpack_ops` says which
+models get which).
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -74,16 +79,19 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def cpu_device_count(requested: str | int, *, batch_sizes=(), num_processes: int = 1,
-                     cores: int | None = None) -> int:
+                     cores: int | None = None, ynnpack: str = "default") -> int:
   """How many devices the CPU backend of each process should expose.
 
   Args:
-    requested: a positive int, or `"auto"`: 2 on a machine with at least 2 cores when every batch in
-      `batch_sizes` splits evenly over `2 * num_processes` devices, else 1 (more than 2 did not pay on 2 cores:
-      bench/RESULTS.md).
+    requested: a positive int, or `"auto"`: with YNNPACK's convolutions (`ynnpack="default"`), 2 on a machine
+      with at least 2 cores when every batch in `batch_sizes` splits evenly over `2 * num_processes` devices,
+      else 1 (YNNPACK's convolutions kept only 1-1.5 of 2 cores busy on one device, and more than 2 devices did
+      not pay); with Eigen's (`"reductions"`, `"none"`), which keep every core busy, 1: the digits train step
+      ran 7 % faster on one device than on two, the README job's loop 15 % (bench/RESULTS.md).
     batch_sizes: global batch sizes the devices must divide (e.g. the training batch).
     num_processes: processes of the run; each exposes the returned number of devices.
     cores: the machine's cores (default: `os.cpu_count()`).
+    ynnpack: the run's choice of :func:`cpu_ynnpack_ops` (not "auto").
 
   Raises:
     ValueError: a `requested` value that is neither "auto" nor a positive integer.
@@ -91,7 +99,7 @@ def cpu_device_count(requested: str | int, *, batch_sizes=(), num_processes: int
   if isinstance(requested, str) and requested.strip().lower() == "auto":
     cores = os.cpu_count() if cores is None else cores
     fits = all(size % (2 * num_processes) == 0 for size in batch_sizes)
-    return 2 if (cores or 1) >= 2 and fits else 1
+    return 2 if (cores or 1) >= 2 and fits and ynnpack == "default" else 1
   if isinstance(requested, int) and not isinstance(requested, bool):
     count = requested
   elif isinstance(requested, str) and requested.strip().isdigit():
@@ -119,6 +127,100 @@ def configure_cpu_devices(count: int) -> bool:
   except RuntimeError:  # JAX refuses the setting once a backend has started.
     return False
   return True
+
+
+# The XLA:CPU option that lists the operation kinds handed to YNNPACK, and its values per choice of
+# `cpu_ynnpack_ops` ("default" leaves XLA's own list, which includes convolutions, matmuls and reductions).
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_KINDS = {"reductions": ("reduce",), "none": ()}
+CPU_YNNPACK_CHOICES = ("auto", "default", "reductions", "none")
+# `auto`'s line between the two U-Nets measured (bench/RESULTS.md): base width 32 (digits) gains from "none",
+# 128 (CIFAR-10 DDPM++) from "reductions".
+_YNN_REDUCTIONS_FROM_WIDTH = 128
+
+
+def cpu_ynnpack_ops(requested: str, model=None) -> str:
+  """Which operations XLA:CPU should hand to the YNNPACK library: `"default"`, `"reductions"` or `"none"`.
+
+  * `"default"`: XLA's own choice (convolutions, matmuls and reductions).
+  * `"reductions"`: only reductions (GroupNorm's statistics, bias gradients); convolutions and matmuls by Eigen.
+  * `"none"`: convolutions and matmuls by Eigen, everything else by XLA's generated loops.
+  * `"auto"`: from the model, as measured on 2 CPU cores (bench/RESULTS.md): `"none"` for convolutional networks
+    narrower than 128 base channels (`nf`; the digits U-Net: train step 1.3x, forward pass 1.8x faster than
+    XLA's default), `"reductions"` from 128 (CIFAR-10 DDPM++: train step 1.3x and its forward 1.2x faster, where
+    `"none"` ran its GroupNorms 2x slower), and `"default"` for models without convolutions (not measured).
+
+  Raises:
+    ValueError: a `requested` value outside :data:`CPU_YNNPACK_CHOICES`.
+  """
+  choice = requested.strip().lower() if isinstance(requested, str) else requested
+  if choice not in CPU_YNNPACK_CHOICES:
+    raise ValueError(f"--cpu_ynnpack must be one of {', '.join(CPU_YNNPACK_CHOICES)}, got {requested!r}.")
+  if choice != "auto":
+    return choice
+  width = getattr(model, "nf", None)
+  if not isinstance(width, int):
+    return "default"
+  return "reductions" if width >= _YNN_REDUCTIONS_FROM_WIDTH else "none"
+
+
+def cpu_ynnpack_for_devices(ops: str, cpu_devices: int, *, explicit: bool = False) -> str:
+  """`ops` for a process with `cpu_devices` CPU devices: Eigen's convolutions (`"reductions"`, `"none"`) only on
+  one device.
+
+  XLA:CPU (jax 0.10.2) miscomputes Eigen convolutions inside a while loop on a CPU split into 2 devices (the
+  digits U-Net iterated 20 times in a `fori_loop`, batch sharded with 64 or more examples per device: outputs off
+  by 0.06-0.6 at scale 4.5, where one device, a Python loop of the same step, or YNNPACK's convolutions agree to
+  1e-6), which would corrupt ODE samplers and likelihoods; `tests/test_train_sharding.py` checks the chosen
+  combination. So with several devices `auto`'s choice falls back to `"default"`, and an explicit choice is refused.
+
+  Raises:
+    ValueError: `explicit` `"reductions"` or `"none"` with more than one CPU device.
+  """
+  if cpu_devices <= 1 or ops == "default":
+    return ops
+  if explicit:
+    raise ValueError(f"--cpu_ynnpack={ops} needs one CPU device per process, got {cpu_devices}: XLA:CPU miscomputes "
+                     "Eigen's convolutions inside loops on a split CPU (bench/RESULTS.md). Pass --cpu_devices=1, or "
+                     "--cpu_ynnpack=default to keep the devices.")
+  return "default"
+
+
+def forced_cpu_device_count() -> int | None:
+  """The CPU device count that `XLA_FLAGS=--xla_force_host_platform_device_count=N` imposes, if it does."""
+  found = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  return int(found.group(1)) if found else None
+
+
+def cpu_ynnpack_compiler_options(ops: str) -> dict[str, str]:
+  """`ops` (a choice of :func:`cpu_ynnpack_ops` other than auto) as `compiler_options` of one compilation, e.g.
+  `jitted.lower(*args).compile(compiler_options=...)` ({} for `"default"`)."""
+  if ops == "default":
+    return {}
+  return {_YNN_OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{kind.upper()}" for kind in _YNN_KINDS[ops])}
+
+
+def configure_cpu_ynnpack(ops: str) -> bool:
+  """Applies `ops` (see :func:`cpu_ynnpack_ops`) to every CPU compilation of this process through `XLA_FLAGS`;
+  call before any other JAX call. An `XLA_FLAGS` that already sets `--xla_cpu_experimental_ynn_fusion_type` wins,
+  and so does a backend that already started (XLA read its flags then); accelerators ignore the option.
+
+  Returns:
+    True if the setting was applied.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if ops == "default" or _YNN_OPTION in flags or _backend_started():
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} --{_YNN_OPTION}={','.join(_YNN_KINDS[ops])}".strip()
+  return True
+
+
+def _backend_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # A JAX without the check: trust the caller ("before any JAX call").
+    return False
 
 
 def make_mesh(devices=None) -> Mesh:
