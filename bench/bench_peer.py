@@ -233,6 +233,7 @@ def main():
   from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
 
   sharding.configure_cpu_devices(args.cpu_devices)
+  sharding.unroll_cpu_threefry()  # As run_train.py does.
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
 

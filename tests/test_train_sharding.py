@@ -270,3 +270,33 @@ def test_eigen_convolutions_in_a_loop_on_one_device():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert not result["ynn"] and result["scale"] > 1.0
   assert result["error"] < 1e-4 * result["scale"], result
+
+
+_THREEFRY_BITS = textwrap.dedent("""
+    import hashlib, json, sys
+    from scoreflow.train import sharding
+    registered = sharding.unroll_cpu_threefry() if sys.argv[1] == "unrolled" else False
+    import jax, jax.numpy as jnp, numpy as np
+    import flax.linen as nn
+    key = jax.random.key(7)
+    def draws(key):
+      k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 3), 3)
+      keep = nn.Dropout(0.1).apply({}, jnp.ones((4, 8, 8, 32)), deterministic=False, rngs={"dropout": k1})
+      return keep, jax.random.normal(k2, (1001,)), jax.random.bits(k3, (3, 5), jnp.uint32)
+    compiled = jax.jit(draws).lower(key).compile()
+    digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in compiled(key))).hexdigest()
+    print(json.dumps({"registered": registered, "digest": digest, "while": " while(" in compiled.as_text()}))
+""")
+
+
+def test_unrolled_cpu_threefry_draws_the_same_bits():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  results = {}
+  for lowering in ("rolled", "unrolled"):
+    out = subprocess.run([sys.executable, "-c", _THREEFRY_BITS, lowering], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results[lowering] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert results["unrolled"]["registered"]
+  assert results["rolled"]["while"] and not results["unrolled"]["while"]  # The lowering did change ...
+  assert results["rolled"]["digest"] == results["unrolled"]["digest"]   # ... and the bits did not.
