@@ -11,9 +11,9 @@ On a CPU host, :func:`configure_cpu_devices` (also before any other JAX call) sp
 devices, so that the batch is sharded over them as over accelerators: YNNPACK's convolutions, XLA:CPU's default,
 do not keep all cores busy on their own, and two devices did on 2 cores (measured in bench/RESULTS.md).
 :func:`configure_cpu_ynnpack` chooses which operations XLA:CPU hands to the YNNPACK library (by default its
-convolutions, matmuls and reductions): on the digits U-Net YNNPACK's convolutions ran the train step 1.3x slower
-than Eigen's, while its reductions sped the CIFAR-10 DDPM++ step up 2x (:func:`cpu_ynnpack_ops` says which
-models get which).
+convolutions, matmuls and reductions): on the digits U-Net YNNPACK's convolutions ran the train step 1.2x slower
+than Eigen's, while its reductions ran the CIFAR-10 DDPM++ step 2x faster than XLA's own loops
+(:func:`cpu_ynnpack_ops` says which models get which).
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ def cpu_ynnpack_ops(requested: str, model=None) -> str:
   * `"reductions"`: only reductions (GroupNorm's statistics, bias gradients); convolutions and matmuls by Eigen.
   * `"none"`: convolutions and matmuls by Eigen, everything else by XLA's generated loops.
   * `"auto"`: from the model, as measured on 2 CPU cores (bench/RESULTS.md): `"none"` for convolutional networks
-    narrower than 128 base channels (`nf`; the digits U-Net: train step 1.3x, forward pass 1.8x faster than
-    XLA's default), `"reductions"` from 128 (CIFAR-10 DDPM++: train step 1.3x and its forward 1.2x faster, where
+    narrower than 128 base channels (`nf`; the digits U-Net: train step 1.2x, forward pass 1.8x faster than
+    XLA's default), `"reductions"` from 128 (CIFAR-10 DDPM++: train step 1.2x and its forward 1.2x faster, where
     `"none"` ran its GroupNorms 2x slower), and `"default"` for models without convolutions (not measured).
 
   Raises:
@@ -171,7 +171,7 @@ def cpu_ynnpack_for_devices(ops: str, cpu_devices: int, *, explicit: bool = Fals
   XLA:CPU (jax 0.10.2) miscomputes Eigen convolutions inside a while loop on a CPU split into 2 devices (the
   digits U-Net iterated 20 times in a `fori_loop`, batch sharded with 64 or more examples per device: outputs off
   by 0.06-0.6 at scale 4.5, where one device, a Python loop of the same step, or YNNPACK's convolutions agree to
-  1e-6), which would corrupt ODE samplers and likelihoods; `tests/test_train_sharding.py` checks the chosen
+  2e-6), which would corrupt ODE samplers and likelihoods; `tests/test_train_sharding.py` checks the chosen
   combination. So with several devices `auto`'s choice falls back to `"default"`, and an explicit choice is refused.
 
   Raises:
