@@ -249,9 +249,9 @@ def main():
     sides, params, compile_s = {}, {}, {}
     from scoreflow.models import build_model  # pylint: disable=import-outside-toplevel
 
-    chosen = sharding.cpu_ynnpack_ops("auto", build_model(CASES[case][0]))
-    choices = [sharding.cpu_ynnpack_ops(c) if c != "auto" else chosen
-               for c in (args.cpu_ynnpack or "auto,default").split(",")]
+    model = build_model(CASES[case][0])
+    chosen = sharding.cpu_ynnpack_ops("auto", model)
+    choices = [sharding.cpu_ynnpack_ops(c, model) for c in (args.cpu_ynnpack or "auto,default").split(",")]
     ours = []
     for ynnpack in dict.fromkeys(choices):
       # Eigen's convolutions only on one device: XLA:CPU miscomputes them in loops on a split CPU.

@@ -110,10 +110,10 @@ def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None
   count = sharding.cpu_device_count(CPU_DEVICES.value, batch_sizes=batch_sizes, num_processes=num_processes or 1,
                                     ynnpack=ynnpack)
   sharding.configure_cpu_devices(count)
-  ynnpack = sharding.cpu_ynnpack_for_devices(ynnpack, sharding.forced_cpu_device_count() or count,
-                                             explicit=CPU_YNNPACK.value != "auto")
-  sharding.configure_cpu_ynnpack(ynnpack)
-  if (sharding.forced_cpu_device_count() or count) == 1:
+  devices = sharding.forced_cpu_device_count() or count
+  sharding.configure_cpu_ynnpack(sharding.cpu_ynnpack_for_devices(ynnpack, devices,
+                                                                  explicit=CPU_YNNPACK.value != "auto"))
+  if devices == 1:
     # Measured on one device only. A split CPU keeps JAX's lowering: a 2-device run aborted once in CI with its
     # all-reduce rendezvous timing out (a hazard seen before under load; the cause was not pinned down).
     sharding.unroll_cpu_threefry()
