@@ -114,8 +114,8 @@ def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None
   sharding.configure_cpu_ynnpack(sharding.cpu_ynnpack_for_devices(ynnpack, devices,
                                                                   explicit=CPU_YNNPACK.value != "auto"))
   if devices == 1:
-    # Measured on one device only. A split CPU keeps JAX's lowering: a 2-device run aborted once in CI with its
-    # all-reduce rendezvous timing out (a hazard seen before under load; the cause was not pinned down).
+    # Measured on one device only; a split CPU keeps JAX's lowering. (A 2-device abort once blamed on it was XLA's
+    # run-ahead deadlock, which happens with either lowering: see `loop.MAX_CALLS_IN_FLIGHT`.)
     sharding.unroll_cpu_threefry()
 
 

@@ -19,6 +19,7 @@ Workdir layout: `config.json`, `checkpoints/<step>/`, `snapshot/<step>/`, `metri
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -38,6 +39,13 @@ from scoreflow.config.fields import config_to_dict
 from scoreflow.train import sharding, visualize
 from scoreflow.train.checkpoint import Checkpointer, WorkdirLock, check_workdir_config, local_workdir
 from scoreflow.train.step import make_objective, make_train_step
+
+# Train calls dispatched ahead of the newest finished one. Two keep the device fed (the next call is queued while
+# one runs) and hold at most two batches beyond it in memory. An unbounded run-ahead deadlocks a CPU split into
+# devices (jax 0.10.2): past 32 queued computations per device, XLA:CPU blocks the launch on a thread of a pool
+# with as many threads as cores, and on 2 cores the other thread then waits in an all-reduce for a device part
+# that no free thread can start (the abort is its collective rendezvous timing out; bench/RESULTS.md).
+MAX_CALLS_IN_FLIGHT = 2
 
 logger = logging.getLogger(__name__)
 
@@ -321,6 +329,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     step = start_step
     compile_seconds = None
     window, window_start, window_step = [], time.perf_counter(), step
+    in_flight: collections.deque = collections.deque()  # The metrics of the calls not known to have finished.
     run_start = time.perf_counter()
     last_record: dict[str, float] = {}
     preempted = abandoned = False
@@ -336,7 +345,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         # Its steps count in the logged loss, not in the throughput (which leaves the compilation out).
         window_start, window_step = time.perf_counter(), step + steps_per_call
       else:
+        if len(in_flight) >= MAX_CALLS_IN_FLIGHT:
+          jax.block_until_ready(in_flight.popleft())
         state, metrics = train_step(state, batch)
+        in_flight.append(metrics)
       window.append(metrics)
       step += steps_per_call
       bar.update(steps_per_call)
