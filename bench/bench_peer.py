@@ -234,6 +234,7 @@ def main():
 
   sharding.configure_cpu_devices(args.cpu_devices)
   sharding.unroll_cpu_threefry()  # As run_train.py does.
+  sharding.configure_cpu_vector_width()  # As run_train.py does.
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
 

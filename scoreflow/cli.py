@@ -102,7 +102,8 @@ def start(argv: Sequence[str]) -> None:
 
 def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None = None, model=None) -> None:
   """Applies --cpu_devices and --cpu_ynnpack (see :func:`scoreflow.train.sharding.cpu_device_count` and
-  :func:`~scoreflow.train.sharding.cpu_ynnpack_ops`; `model` is the Flax module `auto` decides by) and, on one CPU
+  :func:`~scoreflow.train.sharding.cpu_ynnpack_ops`; `model` is the Flax module `auto` decides by), 512-bit vectors
+  in XLA:CPU's generated loops (:func:`~scoreflow.train.sharding.configure_cpu_vector_width`) and, on one CPU
   device, the unrolled threefry (:func:`~scoreflow.train.sharding.unroll_cpu_threefry`); call before JAX starts."""
   from scoreflow.train import sharding  # pylint: disable=g-import-not-at-top
 
@@ -113,6 +114,7 @@ def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None
   devices = sharding.forced_cpu_device_count() or count
   sharding.configure_cpu_ynnpack(sharding.cpu_ynnpack_for_devices(ynnpack, devices,
                                                                   explicit=CPU_YNNPACK.value != "auto"))
+  sharding.configure_cpu_vector_width()
   if devices == 1:
     # Measured on one device only; a split CPU keeps JAX's lowering. (A 2-device abort once blamed on it was XLA's
     # run-ahead deadlock, which happens with either lowering: see `loop.MAX_CALLS_IN_FLIGHT`.)

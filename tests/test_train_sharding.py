@@ -201,22 +201,28 @@ _CONFIGURE_YNNPACK = textwrap.dedent("""
     from scoreflow.train import sharding
     f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     text = jax.jit(f).lower(jnp.ones((4, 8, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
-    late = sharding.configure_cpu_ynnpack("reductions")  # The backend has started: too late, nothing changes.
+    # The backend has started: too late, nothing changes.
+    late = sharding.configure_cpu_ynnpack("reductions") or sharding.configure_cpu_vector_width(128)
     draw = jax.jit(lambda key: jax.random.bits(key, (64,))).lower(jax.random.key(0)).compile().as_text()
     print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn": '"__ynn_fusion"' in text,
                       "late": late, "devices": len(jax.devices()), "threefry_unrolled": " while(" not in draw}))
 """)
 
 
+_WIDE = "--xla_cpu_prefer_vector_width=512"
+
+
 @pytest.mark.parametrize("args, xla_flags, expected", [
-    ([], None, {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type=", "ynn": False}),   # auto: the digits U-Net
-    (["--cpu_ynnpack=default"], None, {"xla_flags": "", "ynn": True}),
+    ([], None, {"xla_flags": f"--xla_cpu_experimental_ynn_fusion_type= {_WIDE}", "ynn": False}),  # auto: digits U-Net
+    (["--cpu_ynnpack=default"], None, {"xla_flags": _WIDE, "ynn": True}),
     (["--cpu_ynnpack=none"], "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",   # The user's wins.
-     {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", "ynn": True}),
+     {"xla_flags": f"--xla_cpu_experimental_ynn_fusion_type=individual_convolution {_WIDE}", "ynn": True}),
+    (["--cpu_ynnpack=default"], "--xla_cpu_prefer_vector_width=256",   # So does the user's vector width.
+     {"xla_flags": "--xla_cpu_prefer_vector_width=256", "ynn": True}),
     # Two devices: Eigen's convolutions are miscomputed in loops there, so auto keeps XLA's default.
-    (["--cpu_devices=2"], None, {"xla_flags": "", "ynn": True}),
+    (["--cpu_devices=2"], None, {"xla_flags": _WIDE, "ynn": True}),
     ([], "--xla_force_host_platform_device_count=2",
-     {"xla_flags": "--xla_force_host_platform_device_count=2", "ynn": True}),
+     {"xla_flags": f"--xla_force_host_platform_device_count=2 {_WIDE}", "ynn": True}),
 ])
 def test_cli_applies_cpu_ynnpack_in_a_fresh_process(args, xla_flags, expected):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
