@@ -45,8 +45,8 @@ from scoreflow.train.step import make_objective, make_train_step
 # Train calls dispatched ahead of the newest finished one. Two keep the device fed (the next call is queued while
 # one runs) and hold at most two batches beyond it in memory. An unbounded run-ahead deadlocks a CPU split into
 # devices (jax 0.10.2): past 32 queued computations per device, XLA:CPU blocks the launch on a thread of a pool
-# with as many threads as cores, and on 2 cores the other thread then waits in an all-reduce for a device part
-# that no free thread can start (the abort is its collective rendezvous timing out; bench/RESULTS.md).
+# with max(cores, devices) threads, and with 2 of them the other thread then waits in an all-reduce for a device
+# part that no free thread can start (the abort is its collective rendezvous timing out; bench/RESULTS.md).
 MAX_CALLS_IN_FLIGHT = 2
 
 logger = logging.getLogger(__name__)

@@ -217,8 +217,8 @@ def configure_cpu_ynnpack(ops: str) -> bool:
 
 # LLVM's preferred vector width for the loops XLA:CPU generates (its own default: 256 bits). Where the CPU has
 # AVX-512 the wider vectors sped up the digits train step 2.5-4.5 % (5 interleaved runs; the GroupNorm/SiLU
-# fusions), left the CIFAR-10 DDPM++ step unchanged (bench/RESULTS.md); a CPU without AVX-512 has no such vectors
-# and generates the same code as before.
+# fusions) and left the CIFAR-10 DDPM++ step unchanged (bench/RESULTS.md). It is a preference: LLVM uses no wider
+# vectors than the CPU has.
 _VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"
 CPU_VECTOR_WIDTH_BITS = 512
 
