@@ -216,7 +216,7 @@ def configure_cpu_ynnpack(ops: str) -> bool:
 
 
 # LLVM's preferred vector width for the loops XLA:CPU generates (its own default: 256 bits). Where the CPU has
-# AVX-512 the wider vectors sped up the digits train step 2.5-4.5 % (5 interleaved runs; the GroupNorm/SiLU
+# AVX-512 the wider vectors sped up the digits train step 2.3-5.8 % (6 interleaved runs; the GroupNorm/SiLU
 # fusions) and left the CIFAR-10 DDPM++ step unchanged (bench/RESULTS.md). It is a preference: LLVM uses no wider
 # vectors than the CPU has.
 _VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"
