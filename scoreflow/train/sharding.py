@@ -208,11 +208,7 @@ def configure_cpu_ynnpack(ops: str) -> bool:
   Returns:
     True if the setting was applied.
   """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if ops == "default" or _YNN_OPTION in flags or _backend_started():
-    return False
-  os.environ["XLA_FLAGS"] = f"{flags} --{_YNN_OPTION}={','.join(_YNN_KINDS[ops])}".strip()
-  return True
+  return ops != "default" and _append_xla_flag(_YNN_OPTION, ",".join(_YNN_KINDS[ops]))
 
 
 # LLVM's preferred vector width for the loops XLA:CPU generates (its own default: 256 bits). Where the CPU has
@@ -231,10 +227,16 @@ def configure_cpu_vector_width(bits: int = CPU_VECTOR_WIDTH_BITS) -> bool:
   Returns:
     True if the setting was applied.
   """
+  return _append_xla_flag(_VECTOR_WIDTH_OPTION, str(bits))
+
+
+def _append_xla_flag(option: str, value: str) -> bool:
+  """Adds `--option=value` to `XLA_FLAGS` unless it already sets `option` (the user's choice) or the backend has
+  started (XLA read its flags then); True if it was added."""
   flags = os.environ.get("XLA_FLAGS", "")
-  if _VECTOR_WIDTH_OPTION in flags or _backend_started():
+  if option in flags or _backend_started():
     return False
-  os.environ["XLA_FLAGS"] = f"{flags} --{_VECTOR_WIDTH_OPTION}={bits}".strip()
+  os.environ["XLA_FLAGS"] = f"{flags} --{option}={value}".strip()
   return True
 
 
