@@ -9,6 +9,7 @@ default threefry keys, compiling the initialisation of even a tiny U-Net takes a
 import functools
 import importlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -586,3 +587,89 @@ def test_bad_inputs_are_refused_at_trace_time():
     _abstract_apply(model, (2, 6, 6, 1), jnp.float32, jnp.float32)
   with pytest.raises(ValueError, match=r"square images \[B, H, W, C\]"):
     _abstract_apply(model, (2, 8, 8), jnp.float32, jnp.float32)
+
+
+# --- GroupNorm and the residual-stream barrier (the CPU speed-ups of the train step). -------------------------
+
+def _group_norm_reference(x, scale, bias, groups, eps=1e-6):
+  """GroupNorm from its definition in float64 NumPy: two-pass mean and variance of each example's group."""
+  b, *pixels, c = x.shape
+  grouped = x.reshape(b, -1, groups, c // groups)
+  mean = grouped.mean(axis=(1, 3), keepdims=True)
+  var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  return ((grouped - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_group_norm_and_its_derivatives_match_the_definition():
+  """Forward against the float64 definition; the JVP and the gradient (JAX's transpose of the written-out JVP)
+  against central differences of the definition along random directions. Dropping the JVP's variance term
+  misses the difference by far more than the tolerance, so the test can tell."""
+  rng = np.random.default_rng(0)
+  groups, shape = 3, (2, 5, 4, 12)
+  x = rng.normal(size=shape) * rng.uniform(0.5, 3, size=12) + rng.normal(size=12)  # Unequal group statistics.
+  scale, bias = rng.normal(size=12), rng.normal(size=12)
+  y = layers.group_norm_apply(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), groups)
+  np.testing.assert_allclose(y, _group_norm_reference(x, scale, bias, groups), rtol=0, atol=1e-12)
+
+  directions = (rng.normal(size=shape), rng.normal(size=12), rng.normal(size=12))
+  h = 1e-5
+  finite_difference = (_group_norm_reference(*(p + h * d for p, d in zip((x, scale, bias), directions)), groups)
+                       - _group_norm_reference(*(p - h * d for p, d in zip((x, scale, bias), directions)),
+                                               groups)) / (2 * h)
+  apply = functools.partial(layers.group_norm_apply, groups=groups)
+  _, tangent = jax.jvp(apply, (x, scale, bias), directions)
+  np.testing.assert_allclose(tangent, finite_difference, rtol=0, atol=1e-8)
+
+  cotangent = rng.normal(size=shape)
+  grads = jax.grad(lambda *p: jnp.sum(apply(*p) * cotangent), argnums=(0, 1, 2))(x, scale, bias)
+  directional = sum(float(jnp.sum(g * d)) for g, d in zip(grads, directions))
+  assert abs(directional - float(np.sum(finite_difference * cotangent))) < 1e-7
+
+  mean = x.reshape(2, -1, groups, 4).mean(axis=(1, 3), keepdims=True)
+  inv_std = 1 / np.sqrt(x.reshape(2, -1, groups, 4).var(axis=(1, 3), keepdims=True) + 1e-6)
+  dx = directions[0].reshape(2, -1, groups, 4)
+  without_variance_term = (inv_std * (dx - dx.mean(axis=(1, 3), keepdims=True))).reshape(shape) * scale
+  without_variance_term += ((x.reshape(dx.shape) - mean) * inv_std).reshape(shape) * directions[1] + directions[2]
+  assert np.max(np.abs(without_variance_term - finite_difference)) > 1e3 * 1e-8
+
+
+def test_group_norm_module_is_flax_group_norm_with_the_same_parameters():
+  """The module keeps Flax's parameter names and shapes (so checkpoints and the importers are unchanged) and its
+  values; float32 statistics under bfloat16 compute; channels that the groups do not divide are refused."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16), jnp.float32) * 3 + 1
+  ours, flax_norm = layers.GroupNorm(num_groups=4), nn.GroupNorm(num_groups=4, epsilon=1e-6)
+  variables = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, flax_norm.init(jax.random.key(1), x))
+  variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape, v.dtype), variables)
+  np.testing.assert_allclose(ours.apply(variables, x), flax_norm.apply(variables, x), rtol=0, atol=2e-5)
+  half = layers.GroupNorm(num_groups=4, dtype=jnp.bfloat16).apply(variables, x)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), flax_norm.apply(variables, x), rtol=0, atol=0.1)
+  with pytest.raises(ValueError, match="C divisible by num_groups=5"):
+    layers.GroupNorm(num_groups=5).init(jax.random.key(1), x)
+
+
+def test_residual_stream_barrier_is_the_identity_in_every_mode_and_a_conditional_on_cpu():
+  """Values, gradients, JVPs and vmapped linearisations through a residual block's skip are those of the plain
+  formula; a non-finite primal gives a non-finite tangent; on CPU the compiled backward pass keeps the
+  conditional that stops XLA fusing the cotangent chain (if a JAX or XLA update dropped it, this says so)."""
+  x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)
+
+  def block(x):
+    return jnp.sin(layers._skip(x, 3 * x ** 2, True))
+
+  def plain(x):
+    return jnp.sin((x + 3 * x ** 2) / np.sqrt(2.0))
+
+  loss = lambda f: (lambda x: jnp.sum(f(x) ** 2))
+  np.testing.assert_allclose(block(x), plain(x), rtol=1e-14)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(block)))(x), jax.grad(loss(plain))(x), rtol=1e-13)
+  probes = jnp.stack([jnp.ones_like(x), x])
+  _, linear = jax.linearize(block, x)
+  _, linear_plain = jax.linearize(plain, x)
+  np.testing.assert_allclose(jax.vmap(linear)(probes), jax.vmap(linear_plain)(probes), rtol=1e-13)
+  _, tangent = jax.jvp(block, (x.at[0, 0, 0].set(jnp.nan),), (jnp.ones_like(x),))
+  assert not np.isfinite(tangent).any()
+  if jax.default_backend() == "cpu":
+    compiled = jax.jit(jax.grad(loss(block))).lower(x).compile().as_text()
+    assert " conditional(" in compiled
