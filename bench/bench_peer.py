@@ -230,8 +230,10 @@ def main():
   if "diffusers" in peers:
     _diffusers_peer.import_diffusers()  # A missing package fails here, before anything is compiled.
 
+  from scoreflow import cli  # pylint: disable=import-outside-toplevel
   from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
 
+  cli.use_transparent_huge_pages()  # As run_train.py does (a restart; both sides run in the restarted process).
   sharding.configure_cpu_devices(args.cpu_devices)
   sharding.unroll_cpu_threefry()  # As run_train.py does.
   sharding.configure_cpu_vector_width()  # As run_train.py does.

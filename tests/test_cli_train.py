@@ -86,6 +86,51 @@ def test_a_split_cpu_survives_a_host_that_runs_ahead(tmp_path):
   assert "Trained 400 steps" in result.stdout and "on 2 device(s)" in result.stdout
 
 
+_HUGE_PAGE_PROBE = """
+import ctypes, os, sys
+print("started", os.getpid(), sys.argv[1:], flush=True)
+from scoreflow import cli
+cli.use_transparent_huge_pages()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(64 << 20)  # Above glibc's mmap threshold, as XLA's temporaries (NumPy madvises on its own).
+ctypes.memset(block, 1, 64 << 20)
+with open("/proc/self/smaps_rollup") as smaps:
+  huge_kib = next(int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages"))
+print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), huge_kib, flush=True)
+"""
+
+
+def _huge_pages_possible() -> bool:
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as policy:
+      return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and "[never]" not in policy.read()
+  except (ValueError, OSError, AttributeError):
+    return False
+
+
+@pytest.mark.skipif(not _huge_pages_possible(), reason="needs Linux, glibc >= 2.35 and transparent huge pages")
+def test_the_cli_restarts_itself_once_with_huge_pages_and_a_users_tunable_wins(tmp_path):
+  """The restart keeps the pid and the arguments and sets glibc.malloc.hugetlb=1, after which a large malloc is
+  backed by huge pages; a GLIBC_TUNABLES that sets the tunable already (here to 0) is left alone."""
+  probe = tmp_path / "probe.py"
+  probe.write_text(_HUGE_PAGE_PROBE)
+  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+  result = subprocess.run([sys.executable, str(probe), "--x=1"], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  started = [line.split(" ", 2) for line in result.stdout.splitlines() if line.startswith("started")]
+  (_, pid, tunables, huge_kib), = [line.split() for line in result.stdout.splitlines() if line.startswith("running")]
+  assert [(p, args) for _, p, args in started] == [(pid, "['--x=1']")] * 2
+  assert tunables == "glibc.malloc.hugetlb=1" and int(huge_kib) > 0
+
+  env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
+  result = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+  assert result.stdout.count("started") == 1 and "glibc.malloc.hugetlb=0 0" in result.stdout, result.stdout
+
+
 def test_help_lists_the_flags():
   result = run_train("--help")
   assert result.returncode in (0, 1)  # absl exits with 1 after printing the help.
