@@ -16,8 +16,10 @@ Every side does the same work per step, as the reference's `losses.get_sde_loss_
 evaluate the network at `999 t`, the mean-reduced denoising score-matching loss, its gradient, global-norm
 clipping at 1, Adam (2e-4, warm-up) and the EMA update (0.9999 with the reference's warm-up).
 
-Timing: after warm-up steps on each side, `--repeats` rounds each time one window of `--steps` steps on every
-side in turn (interleaved, so a machine that slows down over the run affects all sides alike); the table gives
+Timing: each side runs in a process of its own (`--one_process`: all in this one), built one after another;
+after warm-up steps on each side, `--repeats` rounds each time one window of `--steps` steps on every side in
+turn (interleaved, so a machine that slows down over the run affects all sides alike; the first XLA:CPU step
+after an idle spell is slow, so give each window several steps); the table gives
 the median examples/s of each side and the ratio scoreflow / peer, then the same for each side's fastest window.
 On a CPU shared with other work the two differ: PyTorch's threads slow down far more under contention than XLA's
 (`bench/RESULTS.md`), so there the fastest windows, those that caught the machine idle, compare the
@@ -197,6 +199,71 @@ def interleaved(sides: dict, *, steps: int, repeats: int, warmup: int) -> dict[s
   return seconds
 
 
+def _build_side(spec: tuple):
+  """`(step, sync, num_params, compile_s)` of the side `spec` names (see :func:`isolated_sides`)."""
+  kind, case, batch, *rest = spec
+  if kind == "scoreflow":
+    from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
+
+    sharding.unroll_cpu_threefry()  # A registration in this process (the XLA_FLAGS come from the parent).
+    count, ynnpack = rest
+    return scoreflow_side(case, batch, count, ynnpack)
+  peer, reference, compile_model = rest
+  network, _ = peer_network(peer, case, reference)
+  return torch_side(network, case, batch, compile_model=compile_model)
+
+
+def _side_worker(connection, spec: tuple) -> None:
+  """Builds one side, reports `(num_params, compile_s)`, then runs `steps`-step windows on request and reports
+  their seconds (timed here, so the pipe's latency is not in them) until it receives None."""
+  step, sync, num_params, compile_s = _build_side(spec)
+  connection.send((num_params, compile_s))
+  while (steps := connection.recv()) is not None:
+    started = time.perf_counter()
+    for _ in range(steps):
+      out = step()
+    sync(out)
+    connection.send(time.perf_counter() - started)
+
+
+def isolated_sides(specs: dict):
+  """Each side in a process of its own (spawned; the environment, XLA_FLAGS and GLIBC_TUNABLES included, is this
+  one's): `(sides, params, compile_s, close)`, where each side's `step()` runs one step in its process and
+  `sync(out)` waits for it, as :func:`interleaved` expects. A side's window then runs while the others wait on a
+  pipe, and no side shares a heap, thread pools or caches with another (in one process PyTorch's windows slowed
+  the CIFAR-10 DDPM++ step of scoreflow by about 30 %: bench/RESULTS.md)."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+
+  context = multiprocessing.get_context("spawn")
+  workers = {}
+  for name, spec in specs.items():  # One at a time: building (compiling) is timed too.
+    parent, child = context.Pipe()
+    process = context.Process(target=_side_worker, args=(child, spec), daemon=True)
+    process.start()
+    workers[name] = (process, parent)
+    workers[name] += (parent.recv(),)
+  sides, params, compile_s = {}, {}, {}
+  for name, (_, connection, (params[name], compile_s[name])) in workers.items():
+    pending = []
+
+    def step(connection=connection, pending=pending):
+      pending.append(1)
+
+    def sync(_, connection=connection, pending=pending):
+      connection.send(len(pending))
+      pending.clear()
+      connection.recv()
+
+    sides[name] = (step, sync)
+
+  def close():
+    for process, connection, _ in workers.values():
+      connection.send(None)
+      process.join(timeout=60)
+
+  return sides, params, compile_s, close
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--cases", default="digits,cifar10_ddpmpp", help=f"comma-separated, from {sorted(CASES)}")
@@ -220,6 +287,9 @@ def main():
                       help="interleaved rounds (the median and the fastest are reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
   parser.add_argument("--json", default=None, help="also write the rows to this file (after every case)")
+  parser.add_argument("--one_process", action="store_true",
+                      help="run every side in this process (by default each runs in a process of its own, windows "
+                      "still interleaved: sharing a process, PyTorch's windows slow scoreflow's down)")
   args = parser.parse_args()
   peers = (args.peers or ("reference" if args.reference else "diffusers")).split(",")
   if set(peers) - set(PEERS):
@@ -255,25 +325,32 @@ def main():
     model = build_model(CASES[case][0])
     chosen = sharding.cpu_ynnpack_ops("auto", model)
     choices = [sharding.cpu_ynnpack_ops(c, model) for c in (args.cpu_ynnpack or "auto,default").split(",")]
-    ours = []
+    specs, ours, descriptions = {}, [], {}
     for ynnpack in dict.fromkeys(choices):
       # Eigen's convolutions only on one device: XLA:CPU miscomputes them in loops on a split CPU.
       for count in (device_counts if ynnpack == "default" else [n for n in device_counts if n == 1]):
-        name = f"scoreflow ({count} dev, {ynnpack})"
-        step, sync, params[name], compile_s[name] = scoreflow_side(case, batch, count, ynnpack)
-        sides[name] = (step, sync)
-        ours.append(name)
-    descriptions = {}
+        specs[f"scoreflow ({count} dev, {ynnpack})"] = ("scoreflow", case, batch, count, ynnpack)
+        ours.append(f"scoreflow ({count} dev, {ynnpack})")
     for peer in peers:
+      descriptions[peer] = (f"score_sde_pytorch's NCSNpp from {os.path.abspath(args.reference)}"
+                            if peer == "reference" else peer_network(peer, case, args.reference)[1])
       for name, compile_model in [(peer, False)] + ([(f"{peer}+compile", True)] if args.torch_compile else []):
-        network, descriptions[peer] = peer_network(peer, case, args.reference)
-        step, sync, params[name], compile_s[name] = torch_side(network, case, batch, compile_model=compile_model)
+        specs[name] = ("torch", case, batch, peer, args.reference, compile_model)
+    if args.one_process:
+      close = lambda: None
+      for name, spec in specs.items():
+        step, sync, params[name], compile_s[name] = _build_side(spec)
         sides[name] = (step, sync)
+    else:
+      sides, params, compile_s, close = isolated_sides(specs)
     seconds = interleaved(sides, steps=steps, repeats=args.repeats, warmup=args.warmup)
+    close()
     rates = {name: batch / statistics.median(seconds[name]) for name in sides}
     fastest = {name: batch / min(seconds[name]) for name in sides}
     best = max(ours, key=rates.get)
-    print(f"\n{case}: batch {batch}, {steps} steps x {args.repeats} interleaved rounds; ratio = {best} / side")
+    where = "all sides in one process" if args.one_process else "each side in a process of its own"
+    print(f"\n{case}: batch {batch}, {steps} steps x {args.repeats} interleaved rounds, {where}; ratio = {best} / "
+          "side")
     for peer, description in descriptions.items():
       print(f"  {peer}: {description}")
     print(f"  scoreflow sides: devices, operations handed to YNNPACK (--cpu_ynnpack; auto picks {chosen!r})")
@@ -291,6 +368,7 @@ def main():
     if args.json:
       with open(args.json, "w") as f:
         json.dump({"jax": jax.__version__, "torch": torch.__version__, "peers": peers,
+                   "one_process": args.one_process,
                    "cpu_devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows},
                   f, indent=2)
 
