@@ -214,16 +214,15 @@ def _build_side(spec: tuple):
 
 
 def _side_worker(connection, spec: tuple) -> None:
-  """Builds one side, reports `(num_params, compile_s)`, then runs `steps`-step windows on request and reports
-  their seconds (timed here, so the pipe's latency is not in them) until it receives None."""
+  """Builds one side, reports `(num_params, compile_s)`, then runs `steps` steps on request (answering when they
+  have finished) until it receives None."""
   step, sync, num_params, compile_s = _build_side(spec)
   connection.send((num_params, compile_s))
   while (steps := connection.recv()) is not None:
-    started = time.perf_counter()
     for _ in range(steps):
       out = step()
     sync(out)
-    connection.send(time.perf_counter() - started)
+    connection.send(True)
 
 
 def isolated_sides(specs: dict):
@@ -235,29 +234,27 @@ def isolated_sides(specs: dict):
   import multiprocessing  # pylint: disable=import-outside-toplevel
 
   context = multiprocessing.get_context("spawn")
-  workers = {}
+  workers, sides, params, compile_s = {}, {}, {}, {}
   for name, spec in specs.items():  # One at a time: building (compiling) is timed too.
-    parent, child = context.Pipe()
+    connection, child = context.Pipe()
     process = context.Process(target=_side_worker, args=(child, spec), daemon=True)
     process.start()
-    workers[name] = (process, parent)
-    workers[name] += (parent.recv(),)
-  sides, params, compile_s = {}, {}, {}
-  for name, (_, connection, (params[name], compile_s[name])) in workers.items():
-    pending = []
+    params[name], compile_s[name] = connection.recv()
+    workers[name] = (process, connection)
+    queued = [0]  # Steps asked for since the last sync.
 
-    def step(connection=connection, pending=pending):
-      pending.append(1)
+    def step(queued=queued):
+      queued[0] += 1
 
-    def sync(_, connection=connection, pending=pending):
-      connection.send(len(pending))
-      pending.clear()
+    def sync(_, connection=connection, queued=queued):
+      connection.send(queued[0])
+      queued[0] = 0
       connection.recv()
 
     sides[name] = (step, sync)
 
   def close():
-    for process, connection, _ in workers.values():
+    for process, connection in workers.values():
       connection.send(None)
       process.join(timeout=60)
 

@@ -129,6 +129,19 @@ def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None
 _HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
 
 
+def glibc_huge_pages_available() -> bool:
+  """Linux with glibc >= 2.35 (which has `glibc.malloc.hugetlb`) and transparent huge pages not `never`."""
+  if sys.platform != "linux":
+    return False
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as policy:
+      huge_pages_off = "[never]" in policy.read()
+  except (ValueError, OSError, AttributeError):
+    return False
+  return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and not huge_pages_off
+
+
 def use_transparent_huge_pages() -> bool:
   """Restarts this process (same pid and arguments, `os.execv`) with `GLIBC_TUNABLES` asking glibc's malloc for
   transparent huge pages, where that helps: Linux with glibc >= 2.35 and transparent huge pages not switched off.
@@ -138,15 +151,7 @@ def use_transparent_huge_pages() -> bool:
     False when nothing is to be done (the restarted process returns False here too); otherwise it does not return.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if sys.platform != "linux" or _HUGE_PAGE_TUNABLE in tunables:
-    return False
-  try:
-    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as policy:
-      huge_pages_off = "[never]" in policy.read()
-  except (ValueError, OSError, AttributeError):
-    return False
-  if name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35) or huge_pages_off:
+  if _HUGE_PAGE_TUNABLE in tunables or not glibc_huge_pages_available():
     return False
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{_HUGE_PAGE_TUNABLE}=1"]))
   sys.stdout.flush()

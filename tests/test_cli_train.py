@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import scoreflow as sf
+from scoreflow import cli
 from scoreflow.data.toy import sample_toy, toy_mixture
 
 from _train_fixtures import read_checkpoint
@@ -101,16 +102,7 @@ print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), huge_kib, flush=
 """
 
 
-def _huge_pages_possible() -> bool:
-  try:
-    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as policy:
-      return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and "[never]" not in policy.read()
-  except (ValueError, OSError, AttributeError):
-    return False
-
-
-@pytest.mark.skipif(not _huge_pages_possible(), reason="needs Linux, glibc >= 2.35 and transparent huge pages")
+@pytest.mark.skipif(not cli.glibc_huge_pages_available(), reason="needs Linux, glibc >= 2.35 and transparent huge pages")
 def test_the_cli_restarts_itself_once_with_huge_pages_and_a_users_tunable_wins(tmp_path):
   """The restart keeps the pid and the arguments and sets glibc.malloc.hugetlb=1, after which a large malloc is
   backed by huge pages; a GLIBC_TUNABLES that sets the tunable already (here to 0) is left alone."""

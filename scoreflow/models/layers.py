@@ -103,15 +103,19 @@ def _channels_last(per_channel, x):
   return per_channel.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
+def _group_mean(v, groups: int):
+  """`[B, ..., C] -> [B, 1, ..., 1, C]`: the mean of each example's group over its pixels and channels, on each of
+  the group's channels. The sum runs first over the pixels, per channel (along the contiguous channel axis), then
+  over each group's channels."""
+  count = math.prod(v.shape[1:-1]) * (v.shape[-1] // groups)
+  return _broadcast_groups(_group_sums(jnp.sum(v, tuple(range(1, v.ndim - 1))), groups) / count, v)
+
+
 def _group_moments(x, groups: int, epsilon: float):
-  r"""Each group's mean and :math:`(\sigma^2 + \epsilon)^{-1/2}`, `[B, G]` each, with :math:`\sigma^2 =
-  E[x^2] - E[x]^2` (clipped at 0; Flax's fast variance). The sums run first over the pixels, per channel (a
-  reduction along the contiguous channel axis), then over each group's channels."""
-  pixels = tuple(range(1, x.ndim - 1))
-  count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
-  mean = _group_sums(jnp.sum(x, pixels), groups) / count
-  mean_square = _group_sums(jnp.sum(x * x, pixels), groups) / count
-  return mean, jax.lax.rsqrt(jnp.maximum(mean_square - mean * mean, 0) + epsilon)
+  r"""Each group's mean and :math:`(\sigma^2 + \epsilon)^{-1/2}`, `[B, 1, ..., 1, C]` each, with
+  :math:`\sigma^2 = E[x^2] - E[x]^2` (clipped at 0; Flax's fast variance)."""
+  mean = _group_mean(x, groups)
+  return mean, jax.lax.rsqrt(jnp.maximum(_group_mean(x * x, groups) - mean * mean, 0) + epsilon)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -141,8 +145,8 @@ def group_norm_apply(x, scale, bias, groups: int, epsilon: float = 1e-6):
   """
   scale, bias = _channels_last(scale, x), _channels_last(bias, x)
   mean, inv_std = _group_moments(x, groups, epsilon)
-  a = _broadcast_groups(inv_std, x) * scale
-  return x * a + (bias - _broadcast_groups(mean, x) * a)
+  a = inv_std * scale
+  return x * a + (bias - mean * a)
 
 
 @group_norm_apply.defjvp
@@ -152,15 +156,8 @@ def _group_norm_jvp(groups, epsilon, primals, tangents):
   dx, dscale, dbias = tangents
   dscale, dbias = _channels_last(dscale, x), _channels_last(dbias, x)
   mean, inv_std = _group_moments(x, groups, epsilon)
-  inv_std = _broadcast_groups(inv_std, x)
-  x_hat = (x - _broadcast_groups(mean, x)) * inv_std
-  pixels = tuple(range(1, x.ndim - 1))
-  count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
-
-  def group_mean(v):
-    return _broadcast_groups(_group_sums(jnp.sum(v, pixels), groups) / count, x)
-
-  dx_hat = inv_std * (dx - group_mean(dx) - x_hat * group_mean(x_hat * dx))
+  x_hat = (x - mean) * inv_std
+  dx_hat = inv_std * (dx - _group_mean(dx, groups) - x_hat * _group_mean(x_hat * dx, groups))
   return x_hat * scale + bias, dx_hat * scale + x_hat * dscale + dbias
 
 
