@@ -206,6 +206,7 @@ def _build_side(spec: tuple):
     from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
 
     sharding.unroll_cpu_threefry()  # A registration in this process (the XLA_FLAGS come from the parent).
+    sharding.configure_cpu_dispatch()  # As run_train.py does (a setting of this process's backend).
     count, ynnpack = rest
     return scoreflow_side(case, batch, count, ynnpack)
   peer, reference, compile_model = rest
@@ -300,10 +301,11 @@ def main():
   from scoreflow import cli  # pylint: disable=import-outside-toplevel
   from scoreflow.train import sharding  # pylint: disable=import-outside-toplevel
 
-  cli.use_transparent_huge_pages()  # As run_train.py does (a restart; both sides run in the restarted process).
+  cli.tune_glibc_malloc()  # As run_train.py does (a restart; the sides' processes inherit its GLIBC_TUNABLES).
   sharding.configure_cpu_devices(args.cpu_devices)
   sharding.unroll_cpu_threefry()  # As run_train.py does.
   sharding.configure_cpu_vector_width()  # As run_train.py does.
+  sharding.configure_cpu_dispatch()  # As run_train.py does.
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
 

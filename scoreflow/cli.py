@@ -37,6 +37,10 @@ CPU_YNNPACK = flags.DEFINE_enum(
     "reductions), 'reductions', or 'none' (Eigen's convolutions and matmuls); 'auto' picks by the model, as "
     "measured in bench/RESULTS.md ('none' below 128 base channels, e.g. the digits U-Net; 'reductions' from 128). "
     "Ignored when XLA_FLAGS sets --xla_cpu_experimental_ynn_fusion_type. Accelerators are unaffected.")
+CPU_ASYNC_DISPATCH = flags.DEFINE_bool(
+    "cpu_async_dispatch", False, "Run XLA:CPU computations on a runtime thread, returning before they finish "
+    "(JAX's default), instead of on the calling thread, where the memory of one train step's temporaries is kept "
+    "for the next (faster on CPU: bench/RESULTS.md). Accelerators are unaffected.")
 
 # Raised by configuration, checkpoint and data checks with a message that names the problem and the fix, and by
 # a run halted on a non-finite step. Only those raised by scoreflow's own code are shortened to one line.
@@ -103,7 +107,8 @@ def start(argv: Sequence[str]) -> None:
 def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None = None, model=None) -> None:
   """Applies --cpu_devices and --cpu_ynnpack (see :func:`scoreflow.train.sharding.cpu_device_count` and
   :func:`~scoreflow.train.sharding.cpu_ynnpack_ops`; `model` is the Flax module `auto` decides by), 512-bit vectors
-  in XLA:CPU's generated loops (:func:`~scoreflow.train.sharding.configure_cpu_vector_width`) and, on one CPU
+  in XLA:CPU's generated loops (:func:`~scoreflow.train.sharding.configure_cpu_vector_width`), --cpu_async_dispatch
+  (:func:`~scoreflow.train.sharding.configure_cpu_dispatch`) and, on one CPU
   device, the unrolled threefry (:func:`~scoreflow.train.sharding.unroll_cpu_threefry`); call before JAX starts."""
   from scoreflow.train import sharding  # pylint: disable=g-import-not-at-top
 
@@ -115,45 +120,75 @@ def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None
   sharding.configure_cpu_ynnpack(sharding.cpu_ynnpack_for_devices(ynnpack, devices,
                                                                   explicit=CPU_YNNPACK.value != "auto"))
   sharding.configure_cpu_vector_width()
+  sharding.configure_cpu_dispatch(asynchronous=CPU_ASYNC_DISPATCH.value)
   if devices == 1:
     # Measured on one device only; a split CPU keeps JAX's lowering. (A 2-device abort once blamed on it was XLA's
     # run-ahead deadlock, which happens with either lowering: see `loop.MAX_CALLS_IN_FLIGHT`.)
     sharding.unroll_cpu_threefry()
 
 
-# glibc's malloc serves XLA:CPU's per-call temporary buffer (88 MB for the digits train step, about 2 GB for
-# CIFAR-10 DDPM++) with a fresh mmap each call, so every step page-faults it in 4 KiB at a time: 530,000 faults
-# per CIFAR-10 step. With glibc.malloc.hugetlb=1 glibc asks for transparent huge pages (madvise) on such
-# mappings: about 2,500 faults, and the CIFAR-10 DDPM++ step 3.25 -> 2.84 s on 2 CPU cores (bench/RESULTS.md).
-# glibc reads its tunables only when a process starts, hence the re-exec.
+# XLA:CPU allocates a train step's temporaries as one block per call (88 MB for the digits step, about 2 GB for
+# CIFAR-10 DDPM++) and frees it when the call returns. By default glibc's malloc serves such a block with a fresh
+# mmap and unmaps it on free, so every step page-faults it in again: 530,000 faults per CIFAR-10 step at 4 KiB,
+# and on a virtual machine that hands free memory back to its host (virtio-balloon free page reporting) each
+# fault after a pause costs the host's too (1 GiB touched: 25 ms if kept, 370 ms afresh in 4 KiB pages, 70 ms
+# afresh in huge pages, 0.5-1.1 s in huge pages after most pauses of 0.5-5 s). The settings, for this process:
+#   glibc.malloc.hugetlb=1        transparent huge pages for large blocks (glibc >= 2.35, THP not `never`);
+#   glibc.malloc.mmap_max=0       large blocks of the main thread come from its heap instead of fresh mappings
+#                                 (`sharding.configure_cpu_dispatch` runs XLA:CPU's calls on the main thread);
+#   glibc.malloc.trim_threshold   the heap's free top is kept, not given back, so the next call reuses it.
+# Measured on 2 CPU cores (bench/RESULTS.md): the CIFAR-10 DDPM++ step 3.25 -> 2.84 s with huge pages, then
+# 2.95 -> 2.8 s, and no slowdown after a pause (3.8 s after 6 s idle before). glibc reads its tunables only when a
+# process starts, hence the restart.
 _HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
+_HEAP_TUNABLES = {"glibc.malloc.mmap_max": "0", "glibc.malloc.trim_threshold": str(1 << 40)}
 
 
 def glibc_huge_pages_available() -> bool:
   """Linux with glibc >= 2.35 (which has `glibc.malloc.hugetlb`) and transparent huge pages not `never`."""
-  if sys.platform != "linux":
+  version = _glibc_version()
+  if version is None or version < (2, 35):
     return False
   try:
-    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
     with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as policy:
-      huge_pages_off = "[never]" in policy.read()
-  except (ValueError, OSError, AttributeError):
+      return "[never]" not in policy.read()
+  except OSError:
     return False
-  return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and not huge_pages_off
 
 
-def use_transparent_huge_pages() -> bool:
-  """Restarts this process (same pid and arguments, `os.execv`) with `GLIBC_TUNABLES` asking glibc's malloc for
-  transparent huge pages, where that helps: Linux with glibc >= 2.35 and transparent huge pages not switched off.
-  A `GLIBC_TUNABLES` that already sets `glibc.malloc.hugetlb` (e.g. `=0` to opt out) is left alone.
+def _glibc_version() -> tuple[int, int] | None:
+  if sys.platform != "linux":
+    return None
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    return (int(version.split(".")[0]), int(version.split(".")[1])) if name == "glibc" else None
+  except (ValueError, OSError, AttributeError, IndexError):
+    return None
+
+
+def glibc_malloc_tunables() -> dict[str, str]:
+  """The `GLIBC_TUNABLES` settings :func:`tune_glibc_malloc` adds on this machine ({} without glibc >= 2.26)."""
+  version = _glibc_version()
+  if version is None or version < (2, 26):  # glibc's tunables arrived in 2.26.
+    return {}
+  return {**({_HUGE_PAGE_TUNABLE: "1"} if glibc_huge_pages_available() else {}), **_HEAP_TUNABLES}
+
+
+def tune_glibc_malloc() -> bool:
+  """Restarts this process (same pid and arguments, `os.execv`) with `GLIBC_TUNABLES` that keep XLA:CPU's large
+  per-call temporaries in memory between calls, in transparent huge pages (:func:`glibc_malloc_tunables`; the
+  comment above says what each one does and what it measured). A setting the user's `GLIBC_TUNABLES` makes already
+  wins (e.g. `glibc.malloc.hugetlb=0`, or `glibc.malloc.trim_threshold=134217728` to give memory back).
 
   Returns:
     False when nothing is to be done (the restarted process returns False here too); otherwise it does not return.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if _HUGE_PAGE_TUNABLE in tunables or not glibc_huge_pages_available():
+  users = {setting.partition("=")[0] for setting in tunables.split(":")}
+  missing = [f"{name}={value}" for name, value in glibc_malloc_tunables().items() if name not in users]
+  if not missing:
     return False
-  os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{_HUGE_PAGE_TUNABLE}=1"]))
+  os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, *missing]))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, sys.orig_argv)
@@ -162,8 +197,8 @@ def use_transparent_huge_pages() -> bool:
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
   """`absl.app.run(main)`, printing user-fixable failures as one `error: ...` line (exit status 1), in a process
-  whose large host allocations use transparent huge pages (:func:`use_transparent_huge_pages`)."""
-  use_transparent_huge_pages()
+  whose malloc keeps large blocks in transparent huge pages (:func:`tune_glibc_malloc`)."""
+  tune_glibc_malloc()
   _quiet_abandoned_coroutines()
   try:
     app.run(main, flags_parser=parse_flags)

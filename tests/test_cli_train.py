@@ -87,40 +87,70 @@ def test_a_split_cpu_survives_a_host_that_runs_ahead(tmp_path):
   assert "Trained 400 steps" in result.stdout and "on 2 device(s)" in result.stdout
 
 
-_HUGE_PAGE_PROBE = """
-import ctypes, os, sys
+_MALLOC_PROBE = """
+import ctypes, os, resource, sys
 print("started", os.getpid(), sys.argv[1:], flush=True)
 from scoreflow import cli
-cli.use_transparent_huge_pages()
+from scoreflow.train import sharding
+cli.tune_glibc_malloc()
+sharding.configure_cpu_dispatch(asynchronous=sys.argv[1] == "async")
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(64 << 20)  # Above glibc's mmap threshold, as XLA's temporaries (NumPy madvises on its own).
 ctypes.memset(block, 1, 64 << 20)
 with open("/proc/self/smaps_rollup") as smaps:
   huge_kib = next(int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages"))
-print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), huge_kib, flush=True)
+import jax, jax.numpy as jnp
+
+@jax.jit
+def loop(x):  # 64 MiB temporaries in every call (the loop's carry).
+  return jax.lax.fori_loop(0, 3, lambda i, y: jnp.sin(y) + y[::-1], x).sum(axis=0)
+
+x = jax.random.normal(jax.random.key(0), (4096, 4096))
+for _ in range(4):
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(loop(x))
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), huge_kib, faults, flush=True)
 """
 
 
-@pytest.mark.skipif(not cli.glibc_huge_pages_available(), reason="needs Linux, glibc >= 2.35 and transparent huge pages")
-def test_the_cli_restarts_itself_once_with_huge_pages_and_a_users_tunable_wins(tmp_path):
-  """The restart keeps the pid and the arguments and sets glibc.malloc.hugetlb=1, after which a large malloc is
-  backed by huge pages; a GLIBC_TUNABLES that sets the tunable already (here to 0) is left alone."""
+def _malloc_probe(tmp_path, dispatch: str, tunables: str | None = None):
+  """(pids the probe started with, its final pid, GLIBC_TUNABLES, huge-page KiB after a 64 MiB malloc, page faults
+  in the fourth call of a jitted function with 64 MiB of temporaries)."""
   probe = tmp_path / "probe.py"
-  probe.write_text(_HUGE_PAGE_PROBE)
+  probe.write_text(_MALLOC_PROBE)
   env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
-  result = subprocess.run([sys.executable, str(probe), "--x=1"], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
+  if tunables:
+    env["GLIBC_TUNABLES"] = tunables
+  result = subprocess.run([sys.executable, str(probe), dispatch], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  started = [line.split(" ", 2) for line in result.stdout.splitlines() if line.startswith("started")]
-  (_, pid, tunables, huge_kib), = [line.split() for line in result.stdout.splitlines() if line.startswith("running")]
-  assert [(p, args) for _, p, args in started] == [(pid, "['--x=1']")] * 2
-  assert tunables == "glibc.malloc.hugetlb=1" and int(huge_kib) > 0
+  started = [tuple(line.split(" ", 2)[1:]) for line in result.stdout.splitlines() if line.startswith("started")]
+  (_, pid, final_tunables, huge_kib, faults), = [line.split() for line in result.stdout.splitlines()
+                                                 if line.startswith("running")]
+  assert all(args == f"['{dispatch}']" for _, args in started), started
+  return [p for p, _ in started], pid, final_tunables, int(huge_kib), int(faults)
 
-  env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
-  result = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
-  assert result.stdout.count("started") == 1 and "glibc.malloc.hugetlb=0 0" in result.stdout, result.stdout
+
+@pytest.mark.skipif(not cli.glibc_huge_pages_available(), reason="needs Linux, glibc >= 2.35 and transparent huge pages")
+def test_the_cli_keeps_xla_temporaries_in_huge_pages_between_calls_and_a_users_tunable_wins(tmp_path):
+  """The restart keeps the pid and the arguments and sets the three malloc tunables: a large malloc gets huge
+  pages, and with calls on the calling thread the memory of XLA's temporaries is kept (no page faults in a fourth
+  call). Asynchronous dispatch, or glibc's own mmap_max, fault the temporaries in afresh each call (hundreds of
+  faults); a user's setting wins (hugetlb=0: no huge pages)."""
+  pids, pid, tunables, huge_kib, faults = _malloc_probe(tmp_path, "sync")
+  assert pids == [pid, pid] and tunables == ":".join(f"{k}={v}" for k, v in cli.glibc_malloc_tunables().items())
+  assert huge_kib > 0 and faults < 32, (huge_kib, faults)  # 64 MiB afresh: 32 huge-page faults or more.
+
+  *_, faults = _malloc_probe(tmp_path, "async")
+  assert faults > 128, faults
+  pids, pid, tunables, _, faults = _malloc_probe(tmp_path, "sync", "glibc.malloc.mmap_max=65536")
+  assert pids == [pid, pid] and tunables.startswith("glibc.malloc.mmap_max=65536:") and faults > 128, faults
+
+  users = "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+  pids, pid, tunables, huge_kib, faults = _malloc_probe(tmp_path, "sync", users)
+  assert pids == [pid] and tunables == users and huge_kib == 0 and faults < 32, (huge_kib, faults)
 
 
 def test_help_lists_the_flags():

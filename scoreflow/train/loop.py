@@ -12,7 +12,8 @@ then runs the compiled, sharded train step over the data stream with
   its accuracy on the noisy batches instead);
 * a summary at the end (`workdir/summary.json`, a loss curve `workdir/loss.png`).
 
-Train calls are dispatched asynchronously, at most :data:`MAX_CALLS_IN_FLIGHT` ahead of the device.
+Where dispatch is asynchronous (accelerators; CPU only with `--cpu_async_dispatch`, see
+`sharding.configure_cpu_dispatch`), train calls run at most :data:`MAX_CALLS_IN_FLIGHT` ahead of the device.
 
 Only process 0 writes logs, pictures and summaries; every process takes part in checkpointing.
 Workdir layout: `config.json`, `checkpoints/<step>/`, `snapshot/<step>/`, `metrics.jsonl`, `tensorboard/`,

@@ -230,6 +230,28 @@ def configure_cpu_vector_width(bits: int = CPU_VECTOR_WIDTH_BITS) -> bool:
   return _append_xla_flag(_VECTOR_WIDTH_OPTION, str(bits))
 
 
+def configure_cpu_dispatch(asynchronous: bool = False) -> bool:
+  """Whether XLA:CPU runs a computation on a runtime thread, returning at once (JAX's default), or on the thread
+  that calls it (`asynchronous=False`); call before any other JAX call (a started backend keeps its setting).
+
+  Synchronous calls are what the command line uses: an XLA:CPU call frees its temporaries (about 2 GB for the
+  CIFAR-10 DDPM++ train step) when it returns, and only on the calling thread does glibc's malloc keep that memory
+  for the next call (with `cli.tune_glibc_malloc`'s settings; a runtime thread's arena maps large blocks afresh
+  each time and unmaps them when they are freed). Fresh memory costs a page fault per page and, on a virtual
+  machine that hands free memory back to its host, far more after an idle second: the CIFAR-10 DDPM++ step took
+  2.95 s back to back and 3.8 s after a 6 s pause, against 2.75-2.88 s either way on the calling thread
+  (bench/RESULTS.md). The host no longer prepares the next call while the device runs, which measured nothing on
+  these train steps (each call is one whole step).
+
+  Returns:
+    True if the setting was applied.
+  """
+  if _backend_started():
+    return False
+  jax.config.update("jax_cpu_enable_async_dispatch", asynchronous)
+  return True
+
+
 def _append_xla_flag(option: str, value: str) -> bool:
   """Adds `--option=value` to `XLA_FLAGS` unless it already sets `option` (the user's choice) or the backend has
   started (XLA read its flags then); True if it was added."""
