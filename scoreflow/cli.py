@@ -137,9 +137,9 @@ def configure_devices(batch_sizes: Sequence[int] = (), num_processes: int | None
 #   glibc.malloc.mmap_max=0       large blocks of the main thread come from its heap instead of fresh mappings
 #                                 (`sharding.configure_cpu_dispatch` runs XLA:CPU's calls on the main thread);
 #   glibc.malloc.trim_threshold   the heap's free top is kept, not given back, so the next call reuses it.
-# Measured on 2 CPU cores (bench/RESULTS.md): the CIFAR-10 DDPM++ step 3.25 -> 2.84 s with huge pages, then
-# 2.95 -> 2.8 s, and no slowdown after a pause (3.8 s after 6 s idle before). glibc reads its tunables only when a
-# process starts, hence the restart.
+# Measured on 2 CPU cores (bench/RESULTS.md): the CIFAR-10 DDPM++ step took 3.25 s, 2.84-2.99 s with huge pages
+# (3.8 s after a 6 s pause), 2.72-2.89 s with all three on the main thread, pause or not. glibc reads its tunables
+# only when a process starts, hence the restart.
 _HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
 _HEAP_TUNABLES = {"glibc.malloc.mmap_max": "0", "glibc.malloc.trim_threshold": str(1 << 40)}
 

@@ -158,7 +158,7 @@ def test_help_lists_the_flags():
   assert result.returncode in (0, 1)  # absl exits with 1 after printing the help.
   assert "Trains a score-based generative model" in result.stdout and "configs/default.py" in result.stdout
   for flag in ("--config", "--workdir", "allow_config_change", "--coordinator_address", "--compilation_cache_dir",
-               "--cpu_devices", "--cpu_ynnpack"):
+               "--cpu_devices", "--cpu_ynnpack", "cpu_async_dispatch"):
     assert flag in result.stdout
 
 

@@ -202,10 +202,12 @@ _CONFIGURE_YNNPACK = textwrap.dedent("""
     f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     text = jax.jit(f).lower(jnp.ones((4, 8, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
     # The backend has started: too late, nothing changes.
-    late = sharding.configure_cpu_ynnpack("reductions") or sharding.configure_cpu_vector_width(128)
+    late = (sharding.configure_cpu_ynnpack("reductions") or sharding.configure_cpu_vector_width(128)
+            or sharding.configure_cpu_dispatch(asynchronous=True))
     draw = jax.jit(lambda key: jax.random.bits(key, (64,))).lower(jax.random.key(0)).compile().as_text()
     print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn": '"__ynn_fusion"' in text,
-                      "late": late, "devices": len(jax.devices()), "threefry_unrolled": " while(" not in draw}))
+                      "late": late, "devices": len(jax.devices()), "threefry_unrolled": " while(" not in draw,
+                      "async_dispatch": jax.config.read("jax_cpu_enable_async_dispatch")}))
 """)
 
 
@@ -214,6 +216,7 @@ _WIDE = "--xla_cpu_prefer_vector_width=512"
 
 @pytest.mark.parametrize("args, xla_flags, expected", [
     ([], None, {"xla_flags": f"--xla_cpu_experimental_ynn_fusion_type= {_WIDE}", "ynn": False}),  # auto: digits U-Net
+    (["--cpu_async_dispatch"], None, {"xla_flags": f"--xla_cpu_experimental_ynn_fusion_type= {_WIDE}", "ynn": False}),
     (["--cpu_ynnpack=default"], None, {"xla_flags": _WIDE, "ynn": True}),
     (["--cpu_ynnpack=none"], "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",   # The user's wins.
      {"xla_flags": f"--xla_cpu_experimental_ynn_fusion_type=individual_convolution {_WIDE}", "ynn": True}),
@@ -233,6 +236,7 @@ def test_cli_applies_cpu_ynnpack_in_a_fresh_process(args, xla_flags, expected):
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result.pop("threefry_unrolled") == (result.pop("devices") == 1)  # A split CPU keeps JAX's lowering.
+  assert result.pop("async_dispatch") == ("--cpu_async_dispatch" in args)  # Calls on the calling thread by default.
   assert result == {**expected, "late": False}
 
 

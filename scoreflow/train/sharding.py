@@ -238,8 +238,8 @@ def configure_cpu_dispatch(asynchronous: bool = False) -> bool:
   CIFAR-10 DDPM++ train step) when it returns, and only on the calling thread does glibc's malloc keep that memory
   for the next call (with `cli.tune_glibc_malloc`'s settings; a runtime thread's arena maps large blocks afresh
   each time and unmaps them when they are freed). Fresh memory costs a page fault per page and, on a virtual
-  machine that hands free memory back to its host, far more after an idle second: the CIFAR-10 DDPM++ step took
-  2.95 s back to back and 3.8 s after a 6 s pause, against 2.75-2.88 s either way on the calling thread
+  machine that hands free memory back to its host, far more after a pause: the CIFAR-10 DDPM++ step took
+  2.91-2.99 s back to back and 3.8 s after a 6 s pause, against 2.72-2.89 s either way on the calling thread
   (bench/RESULTS.md). The host no longer prepares the next call while the device runs, which measured nothing on
   these train steps (each call is one whole step).
 
