@@ -107,17 +107,20 @@ def loop(x):  # 64 MiB temporaries in every call (the loop's carry).
   return jax.lax.fori_loop(0, 3, lambda i, y: jnp.sin(y) + y[::-1], x).sum(axis=0)
 
 x = jax.random.normal(jax.random.key(0), (4096, 4096))
-for _ in range(4):
-  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
+for _ in range(6):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(loop(x))
-  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), huge_kib, faults, flush=True)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The fewest of calls 3-6: a thread of the runtime touching fresh memory once (8 MiB in 4 KiB pages seen on a busy
+# machine) is not what is measured; temporaries faulted in afresh fault in every call.
+print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), huge_kib, min(faults[2:]), flush=True)
 """
 
 
 def _malloc_probe(tmp_path, dispatch: str, tunables: str | None = None):
-  """(pids the probe started with, its final pid, GLIBC_TUNABLES, huge-page KiB after a 64 MiB malloc, page faults
-  in the fourth call of a jitted function with 64 MiB of temporaries)."""
+  """(pids the probe started with, its final pid, GLIBC_TUNABLES, huge-page KiB after a 64 MiB malloc, the fewest
+  page faults in calls 3-6 of a jitted function with 64 MiB of temporaries)."""
   probe = tmp_path / "probe.py"
   probe.write_text(_MALLOC_PROBE)
   env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
@@ -136,7 +139,7 @@ def _malloc_probe(tmp_path, dispatch: str, tunables: str | None = None):
 @pytest.mark.skipif(not cli.glibc_huge_pages_available(), reason="needs Linux, glibc >= 2.35 and transparent huge pages")
 def test_the_cli_keeps_xla_temporaries_in_huge_pages_between_calls_and_a_users_tunable_wins(tmp_path):
   """The restart keeps the pid and the arguments and sets the three malloc tunables: a large malloc gets huge
-  pages, and with calls on the calling thread the memory of XLA's temporaries is kept (no page faults in a fourth
+  pages, and with calls on the calling thread the memory of XLA's temporaries is kept (no page faults in a later
   call). Asynchronous dispatch, or glibc's own mmap_max, fault the temporaries in afresh each call (hundreds of
   faults); a user's setting wins (hugetlb=0: no huge pages)."""
   pids, pid, tunables, huge_kib, faults = _malloc_probe(tmp_path, "sync")
