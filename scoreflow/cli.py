@@ -156,13 +156,14 @@ def glibc_huge_pages_available() -> bool:
     return False
 
 
-def _glibc_version() -> tuple[int, int] | None:
+def _glibc_version() -> tuple[int, ...] | None:
+  """(major, minor) of the running glibc; None off Linux or with another C library."""
   if sys.platform != "linux":
     return None
   try:
     name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    return (int(version.split(".")[0]), int(version.split(".")[1])) if name == "glibc" else None
-  except (ValueError, OSError, AttributeError, IndexError):
+    return tuple(map(int, version.split(".")[:2])) if name == "glibc" else None
+  except (ValueError, OSError, AttributeError):
     return None
 
 
